@@ -1,0 +1,38 @@
+"""dede-rt: screen image datasets for backdoor triggers of self-supervised encoders (DeDe, CVPR 2025).
+
+Importing the package is cheap: heavy modules (torch models, onnxruntime,
+TensorRT, Triton) load only when the names below are first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Detector": "dede_rt.detector",
+    "load_detector": "dede_rt.detector",
+    "train_detector": "dede_rt.training",
+    "TrainConfig": "dede_rt.training",
+    "load_encoder": "dede_rt.models.encoders",
+    "detection_report": "dede_rt.metrics",
+    "run_demo": "dede_rt.demo",
+}
+
+if TYPE_CHECKING:
+    from dede_rt.demo import run_demo
+    from dede_rt.detector import Detector, load_detector
+    from dede_rt.metrics import detection_report
+    from dede_rt.models.encoders import load_encoder
+    from dede_rt.training import TrainConfig, train_detector
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dede_rt' has no attribute {name!r}")

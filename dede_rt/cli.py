@@ -1,0 +1,109 @@
+"""The ``dede-rt`` command line: a thin typer layer over the library.
+
+Every command is one library call plus argument parsing and printing. User
+mistakes (``UserError``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dede_rt.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Screen image datasets for images carrying a backdoor trigger of a self-supervised encoder (DeDe).")
+
+EXIT_USAGE = 2
+
+
+def _floats(text: str, name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--{name} takes three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise UserError(f"--{name} takes three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@app.command()
+def train(
+    encoder: Path = typer.Option(..., help="Victim encoder file: BadEncoder/DRUPE checkpoint, state dict, TorchScript or ONNX."),
+    data: Path = typer.Option(..., help="Clean training images: image folder, CIFAR batch dir/file, or .npz."),
+    out: Path = typer.Option(..., help="Detector bundle directory to write."),
+    encoder_format: str = typer.Option("auto", help="auto|badencoder|state_dict|torchscript|onnx"),
+    mean: str = typer.Option("0.4914,0.4822,0.4465", help="Encoder input mean (RGB, on [0,1] pixels)."),
+    std: str = typer.Option("0.2023,0.1994,0.2010", help="Encoder input std (RGB)."),
+    image_size: int = typer.Option(32, help="Encoder input size (square)."),
+    l2_normalize: bool = typer.Option(False, help="L2-normalize embeddings before the decoder."),
+    calibration: Optional[Path] = typer.Option(None, help="Clean held-out images for the threshold (default: hold out part of --data)."),
+    holdout: float = typer.Option(0.1, help="Fraction of --data held out for calibration when --calibration is not given."),
+    fpr: float = typer.Option(0.01, help="Target false-positive rate of the default threshold (0.05 is also stored)."),
+    epochs: int = typer.Option(200), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
+    optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),
+    patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
+    encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
+    embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),
+    resume: bool = typer.Option(False, help="Resume from OUT/checkpoints if a run was interrupted."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Train a DeDe detector for a victim encoder and calibrate its threshold on clean data."""
+    from dede_rt.data.transforms import Normalization
+    from dede_rt.training import TrainConfig, train_detector
+
+    norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size)
+    fprs = tuple(sorted({fpr, 0.01, 0.05}))
+    detector = train_detector(
+        encoder, data, out, norm,
+        {"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth, "decoder_depth": decoder_depth},
+        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip),
+        encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet)
+    t = detector.extra["training"]
+    typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
+               f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "
+               f"(calibrated on {t['calibration_images']} clean images)")
+
+
+@app.command()
+def info(detector: Path = typer.Argument(..., help="Detector bundle directory.")) -> None:
+    """Print a detector bundle's manifest (checks the encoder hash)."""
+    from dede_rt.detector import load_detector
+
+    typer.echo(json.dumps(load_detector(detector).manifest(), indent=2))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-output"), help="Directory for the demo's victim, detector, images and plots."),
+    fast: bool = typer.Option(False, help="Tiny settings for smoke tests (seconds, not minutes; weak detection)."),
+) -> None:
+    """Build a backdoored demo victim, train a detector, scan clean + triggered images, report AUROC."""
+    from dede_rt.demo import run_demo
+
+    run_demo(out, fast=fast)
+
+
+# --- commands added by later issues register below this line ---
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

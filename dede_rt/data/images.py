@@ -1,0 +1,70 @@
+"""Decoding image files into uint8 RGB arrays of the detector's input size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+TRAIN_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+RESAMPLE = Image.Resampling.BICUBIC  # the one resize used for training and scanning alike
+
+
+def iter_image_files(root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[Path]:
+    """Yield image files under ``root`` recursively, in sorted order, skipping hidden entries.
+
+    Walks one directory at a time (no full listing in memory) and never follows
+    symlinked directories, so symlink loops cannot trap it.
+    """
+    root = Path(root)
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(Path(entry.path))
+            elif entry.name.lower().endswith(extensions):
+                yield Path(entry.path)
+        stack.extend(reversed(subdirs))  # depth-first, alphabetical
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode (L, LA, P, RGBA, CMYK, I;16, ...) to 8-bit RGB; alpha over black."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """Resize an RGB image to ``size`` x ``size`` (no-op when already that size) as uint8 HWC."""
+    if image.size != (size, size):
+        image = image.resize((size, size), RESAMPLE)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """Read one image file as uint8 [size, size, 3]; raises on unreadable or broken files."""
+    with Image.open(path) as image:
+        if image.format == "JPEG" and max(image.size) > 2 * size:
+            image.draft("RGB", (size, size))  # decode at reduced scale: much faster for large JPEGs
+        image.load()
+        return resize_rgb(to_rgb(image), size)

@@ -1,0 +1,55 @@
+"""DeDe's score: reconstruction error of masked patches, in the encoder's normalized space."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dede_rt.data.transforms import Normalization
+from dede_rt.models.decoder import DeDeDecoder, patchify_images
+from dede_rt.models.encoders import VictimEncoder
+
+TEST_MASK_RATIO = 0.99  # reference test setting: on 32 px / patch 4 no patch stays visible
+MASK_SEED = 0  # seeds the (shared) test mask when a few patches do stay visible
+
+
+def masked_sse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squared error over masked patches: pred/target [N,T,P], masked [N,T] -> [N]."""
+    err = (pred - target).square().sum(dim=2)
+    return (err * masked.to(err.dtype)).sum(dim=1)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The reference training loss: mean over all pixels of err² · mask, divided by mask_ratio."""
+    err = (pred - target).square() * masked[..., None].to(pred.dtype)
+    return err.mean() / mask_ratio
+
+
+@torch.no_grad()
+def score_batch(
+    encoder: VictimEncoder, decoder: DeDeDecoder, normalization: Normalization, images_u8: torch.Tensor | np.ndarray,
+    mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED,
+) -> torch.Tensor:
+    """Scores for one uint8 NHWC batch: normalize -> encoder -> decoder -> masked SSE. Vectorised."""
+    x = normalization.apply(images_u8)
+    embedding = encoder(x)
+    generator = torch.Generator().manual_seed(mask_seed)
+    pred, masked = decoder(x, embedding, mask_ratio, generator, shared_mask=True)
+    return masked_sse(pred, patchify_images(x, decoder.config.patch_size), masked)
+
+
+def score_images(
+    encoder: VictimEncoder, decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
+    batch_size: int = 256, mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED,
+    progress: bool = False,
+) -> np.ndarray:
+    """Scores (float32 [N]) for uint8 NHWC images, batched; higher = more likely triggered."""
+    from dede_rt.progress import track
+
+    decoder.eval()
+    out = np.empty(len(images_u8), np.float32)
+    starts = range(0, len(images_u8), batch_size)
+    for start in track(starts, "scoring", enabled=progress):
+        batch = images_u8[start : start + batch_size]
+        out[start : start + len(batch)] = score_batch(encoder, decoder, normalization, batch, mask_ratio, mask_seed).numpy()
+    return out

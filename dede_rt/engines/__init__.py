@@ -1,0 +1,7 @@
+"""Backends behind one interface: loaders build models lazily, runners score uint8 batches.
+
+Polygraphy's pattern: a runner is a context manager; ``activate()`` loads,
+``infer(images_u8) -> scores`` runs, ``deactivate()`` frees. Backends only
+implement ``activate_impl/infer_impl/deactivate_impl``. Heavy backends
+(onnxruntime, TensorRT) are imported lazily by their own modules.
+"""

@@ -6,11 +6,14 @@ Loss, as in the public code (cosine similarities of L2-normalized embeddings):
         - λ2 · cos(f(x), f0(x))         utility: clean embeddings stay put
 with f the encoder being fine-tuned and f0 the frozen clean copy. Triggers are
 stamped in uint8 pixel space. SGD, lr 0.05 by default (DRUPE's runs).
+``finetune_backdoor`` is the shared loop; DRUPE (``drupe.py``) plugs extra
+loss terms into it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dede_rt.data.transforms import Normalization
-from dede_rt.data.triggers import Trigger
 from dede_rt.progress import track
 
 
@@ -47,10 +49,14 @@ def badencoder_losses(z_triggered: torch.Tensor, z_ref: torch.Tensor, z_ref_clea
     return effectiveness, reference, utility
 
 
-def badencoder_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger: Trigger,
-                        normalization: Normalization, config: BadEncoderConfig = BadEncoderConfig(),
-                        progress: bool = True) -> nn.Module:
-    """Return a backdoored copy of ``clean`` (which is left untouched)."""
+# extra(epoch, z_triggered, z_ref, z_clean, z_clean0) -> (loss to add, optional replacement effectiveness term)
+ExtraLoss = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def finetune_backdoor(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+                      normalization: Normalization, config: BadEncoderConfig, extra: ExtraLoss | None = None,
+                      progress: bool = True, description: str = "BadEncoder fine-tuning") -> nn.Module:
+    """BadEncoder's fine-tuning loop; ``extra`` adds attack-specific terms. ``trigger`` needs ``stamp(u8)``."""
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     clean = clean.eval()
@@ -60,21 +66,39 @@ def badencoder_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: n
             module.eval()
     for p in clean.parameters():
         p.requires_grad_(False)
+    for p in victim.parameters():
+        p.requires_grad_(True)
     opt = torch.optim.SGD(victim.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     ref = normalization.apply(reference_u8)
     with torch.no_grad():
         ref_clean = clean(ref)
     n = len(shadow_u8)
-    for _ in track(range(config.epochs), "BadEncoder fine-tuning", enabled=progress):
+    for epoch in track(range(config.epochs), description, enabled=progress):
         order = torch.randperm(n, generator=g).numpy()
         for start in range(0, n, config.batch_size):
             batch = shadow_u8[order[start : start + config.batch_size]]
+            if len(batch) < 2:
+                continue
             x, xt = normalization.apply(batch), normalization.apply(trigger.stamp(batch))
             with torch.no_grad():
                 z_clean0 = clean(x)
-            eff, refl, util = badencoder_losses(victim(xt), victim(ref), ref_clean, victim(x), z_clean0)
-            loss = eff + config.lambda_reference * refl + config.lambda_utility * util
+            zt, zr, zc = victim(xt), victim(ref), victim(x)
+            eff, refl, util = badencoder_losses(zt, zr, ref_clean, zc, z_clean0)
+            added = torch.zeros(())
+            if extra is not None:
+                added, replaced = extra(epoch, zt, zr, zc, z_clean0)
+                eff = eff if replaced is None else replaced
+            loss = eff + config.lambda_reference * refl + config.lambda_utility * util + added
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    for p in victim.parameters():
+        p.requires_grad_(False)
     return victim.eval()
+
+
+def badencoder_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+                        normalization: Normalization, config: BadEncoderConfig = BadEncoderConfig(),
+                        progress: bool = True) -> nn.Module:
+    """Return a backdoored copy of ``clean`` (which is left untouched)."""
+    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger, normalization, config, None, progress)

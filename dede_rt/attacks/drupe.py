@@ -1,0 +1,93 @@
+"""DRUPE (Tao et al., S&P 2024): BadEncoder plus terms that keep backdoor embeddings "in distribution".
+
+Read from the public code (Gwinhen/DRUPE, ``main.py``, mode ``drupe``). Kept:
+- BadEncoder's reference and utility terms (cosine to the frozen clean encoder);
+- the effectiveness term as DRUPE writes it: each triggered sample is pulled
+  toward its MOST similar reference embedding (max over references), so the
+  backdoor region may span several references instead of one point;
+- ``std_refs``: the spread across references of the mean similarity to them
+  (keeps triggered samples from all piling onto one reference);
+- the distribution term: sliced-Wasserstein distance (p = 2, random unit
+  projections, as POT's ``ot.sliced_wasserstein_distance``) between the RAW
+  (un-normalized) triggered and clean embeddings of the batch, divided by the
+  mean per-dimension std of the clean embeddings;
+- the anti-collapse term: mean off-diagonal cosine similarity among the
+  triggered embeddings of the batch;
+- a two-stage schedule: the distribution and anti-collapse terms start only
+  after ``warmup_epochs`` (DRUPE: 5).
+Simplified: DRUPE's adaptive costs (Neural-Cleanse-style up/down multipliers on
+the distribution and anti-collapse weights, switched on after epoch 20 and
+driven by loss thresholds) are replaced by FIXED weights ``lambda_swd`` and
+``lambda_collapse``; the penalty on similarity between references (``loss_3``),
+the k-means logging and reference augmentations are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dede_rt.attacks.badencoder import BadEncoderConfig, finetune_backdoor
+from dede_rt.data.transforms import Normalization
+
+
+@dataclass
+class DRUPEConfig(BadEncoderConfig):
+    """DRUPE = BadEncoder hyper-parameters + distribution-preserving weights and schedule."""
+
+    warmup_epochs: int = 5
+    lambda_swd: float = 1.0
+    lambda_collapse: float = 1.0
+    lambda_std_refs: float = 2.0
+    projections: int = 50
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 50,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sliced 2-Wasserstein distance between equal-size point sets a, b [N, D] (random unit projections)."""
+    if a.shape != b.shape:
+        raise ValueError(f"sliced Wasserstein needs equal-size sets, got {list(a.shape)} and {list(b.shape)}")
+    theta = torch.randn(a.shape[1], projections, generator=generator)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    pa = torch.sort(a @ theta.to(a), dim=0).values
+    pb = torch.sort(b @ theta.to(b), dim=0).values
+    return (pa - pb).square().mean().sqrt()
+
+
+def mean_pairwise_similarity(z: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over distinct pairs of rows of ``z`` (1 = fully collapsed)."""
+    zn = F.normalize(z, dim=1)
+    n = zn.shape[0]
+    sim = zn @ zn.t()
+    return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+
+
+def drupe_effectiveness(z_triggered: torch.Tensor, z_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-mean of each triggered sample's best cosine to a reference, std across references of the mean cosine)."""
+    sim = F.normalize(z_triggered, dim=1) @ F.normalize(z_ref, dim=1).t()  # [N, R]
+    best = sim.max(dim=1).values
+    spread = sim.mean(dim=0).std() if sim.shape[1] > 1 else sim.new_zeros(())
+    return -best.mean(), spread
+
+
+def drupe_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+                   normalization: Normalization, config: DRUPEConfig = DRUPEConfig(),
+                   progress: bool = True) -> nn.Module:
+    """Return a DRUPE-backdoored copy of ``clean`` (which is left untouched)."""
+    g = torch.Generator().manual_seed(config.seed + 1)
+
+    def extra(epoch: int, zt: torch.Tensor, zr: torch.Tensor, zc: torch.Tensor, zc0: torch.Tensor):
+        effectiveness, spread = drupe_effectiveness(zt, zr)
+        added = config.lambda_std_refs * spread
+        if epoch >= config.warmup_epochs:
+            scale = zc.detach().std(dim=0).mean().clamp_min(1e-6)
+            added = added + config.lambda_swd * sliced_wasserstein(zt, zc, config.projections, g) / scale
+            added = added + config.lambda_collapse * mean_pairwise_similarity(zt)
+        return added, effectiveness
+
+    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger, normalization, config, extra, progress,
+                             "DRUPE fine-tuning")

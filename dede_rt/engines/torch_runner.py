@@ -13,16 +13,21 @@ from dede_rt.scoring import score_batch
 
 
 class TorchRunner(BaseRunner):
-    """Scores with the detector's torch encoder + decoder (CPU, or CUDA when ``device='cuda'``)."""
+    """Scores with the detector's torch encoder + decoder (CPU, or CUDA when ``device='cuda'``).
+
+    ``score_kernel``: "torch" (default, the op chain of ``score_batch``) or a fused
+    mask-and-score from ``dede_rt.kernels`` ("triton" on CUDA, "reference").
+    """
 
     backend = "torch"
 
-    def __init__(self, detector: Detector | str | Path, device: str = "cpu") -> None:
+    def __init__(self, detector: Detector | str | Path, device: str = "cpu", score_kernel: str = "torch") -> None:
         self._source = detector
         self.detector: Detector | None = detector if isinstance(detector, Detector) else None
         size = self.detector.normalization.image_size if self.detector else 0
         super().__init__(size, f"torch-{device}")
         self.device = device
+        self.score_kernel = score_kernel
 
     def activate_impl(self) -> None:
         if self.detector is None:
@@ -34,6 +39,12 @@ class TorchRunner(BaseRunner):
     def infer_impl(self, images_u8: np.ndarray) -> np.ndarray:
         d = self.detector
         batch = torch.from_numpy(images_u8).to(self.device)
+        if self.score_kernel != "torch":
+            from dede_rt.kernels.fused import fused_score_batch
+
+            scores = fused_score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed,
+                                       self.score_kernel)
+            return scores.cpu().numpy()
         return score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed).cpu().numpy()
 
     def deactivate_impl(self) -> None:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_encoder": "dede_rt.models.encoders",
     "detection_report": "dede_rt.metrics",
     "run_demo": "dede_rt.demo",
+    "scan": "dede_rt.scan",  # callable package: dede_rt.scan(source, detector) yields rows
 }
 
 if TYPE_CHECKING:

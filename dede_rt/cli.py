@@ -93,6 +93,51 @@ def demo(
 # --- commands added by later issues register below this line ---
 
 
+@app.command(epilog="Exit status: 0 scan finished and nothing flagged; 1 scan finished and at least one image "
+             "flagged; 2 usage or setup error (bad option, missing detector, unreadable source). Broken images "
+             "never stop a scan: each gets a row with its error.")
+def scan(
+    source: Path = typer.Argument(..., help="Image folder (recursive), .txt list of paths, .npz/.npy, CIFAR batches, "
+                                  ".tar shard or 'shard-{000..009}.tar'."),
+    detector: Path = typer.Option(..., help="Detector bundle directory."),
+    backend: str = typer.Option("auto", help="auto|torch|onnxruntime|tensorrt (auto: fastest that passed its quality gate)."),
+    precision: Optional[str] = typer.Option(None, help="fp32|fp16|int8 (default: the backend's best usable)."),
+    batch_size: int = typer.Option(64, help="Images per inference batch."),
+    workers: Optional[int] = typer.Option(None, help="Decode workers (default: half the CPU cores, 1-4; 0 = inline)."),
+    pool: str = typer.Option("thread", help="Decode pool: thread (default) or process (very large JPEGs)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Rows to FILE.csv, .jsonl or .parquet "
+                                          "(+ FILE.summary.json and FILE.hist.png). Without it, flagged inputs are printed."),
+    resume: bool = typer.Option(False, help="Continue an interrupted scan into the same --output."),
+    fpr: Optional[float] = typer.Option(None, help="Flag at the threshold calibrated for this false-positive rate (default: the bundle's, 0.01)."),
+    threshold: Optional[float] = typer.Option(None, help="Flag when score > this value (instead of --fpr)."),
+    limit: Optional[int] = typer.Option(None, help="Scan at most N inputs (in scan order)."),
+    max_pixels: int = typer.Option(89_478_485, help="Reject images declaring more pixels (decompression bombs)."),
+    quiet: bool = typer.Option(False, help="No progress bar or log lines."),
+) -> None:
+    """Scan a dataset and flag images that carry a backdoor trigger (one row per input)."""
+    from dede_rt.scan.pipeline import run_scan
+
+    def log(text: str) -> None:
+        if not quiet:
+            typer.echo(text, err=True)
+
+    def echo_flagged(rows: list) -> None:
+        for r in rows:
+            if r.flagged:
+                typer.echo(f"FLAGGED {r.score:.6g} {r.path}{'::' + r.member if r.member else ''}")
+
+    summary = run_scan(source, detector, output, resume=resume, limit=limit, progress=not quiet,
+                       on_batch=None if output else echo_flagged, log=log, backend=backend, precision=precision,
+                       batch_size=batch_size, workers=workers, pool=pool, fpr=fpr, threshold=threshold,
+                       max_pixels=max_pixels)
+    c, run = summary["counts"], summary["this_run"]
+    where = f"; rows in {output}, summary in {summary['summary_json']}" if output else ""
+    typer.echo(f"{c['inputs']} inputs: {c['flagged']} flagged, {c['scored'] - c['flagged']} clean, {c['errors']} errors "
+               f"(threshold {summary['threshold']:.6g}; {summary['backend']} {summary['precision']}; "
+               f"{run['images_per_second']:.0f} img/s){where}")
+    raise typer.Exit(1 if c["flagged"] else 0)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -61,9 +62,19 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """Read one image file as uint8 [size, size, 3]; raises on unreadable or broken files."""
+class ImageTooLarge(ValueError):
+    """An image declares more pixels than allowed (decompression-bomb protection)."""
+
+
+def decode_image(path: str | Path | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Read one image (path or binary file object) as uint8 [size, size, 3]; raises on broken files.
+
+    ``max_pixels`` rejects images whose *declared* size is larger, before any
+    pixel is decoded (a tiny file can declare gigapixels).
+    """
     with Image.open(path) as image:
+        if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+            raise ImageTooLarge(f"declared size {image.size[0]}x{image.size[1]} exceeds the {max_pixels}-pixel limit")
         if image.format == "JPEG" and max(image.size) > 2 * size:
             image.draft("RGB", (size, size))  # decode at reduced scale: much faster for large JPEGs
         image.load()

@@ -1,0 +1,1 @@
+"""Calibration sets, INT8 (Q/DQ) and FP16 conversion, quality gates and per-precision thresholds."""

@@ -1,0 +1,71 @@
+"""Registry: backend choice (auto/explicit), lazy ONNX export, runner parity on the tiny detector."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dede_rt.engines.registry import choose_runner, describe_choice, make_runner
+from dede_rt.errors import UserError
+from dede_rt.export.bundle import deployment, update_deployment
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny detector (tests here write ONNX files and manifest entries into it)."""
+    out = tmp_path_factory.mktemp("registry") / "det"
+    shutil.copytree(tiny_detector_dir, out)
+    return out
+
+
+def test_auto_without_exports_is_torch(bundle: Path) -> None:
+    choice = choose_runner(bundle)
+    assert (choice.backend, choice.precision) == ("torch", "fp32")
+    assert "torch fp32" in describe_choice(bundle)
+
+
+def test_bad_arguments_are_user_errors(bundle: Path) -> None:
+    with pytest.raises(UserError, match="unknown backend"):
+        choose_runner(bundle, "tflite")
+    with pytest.raises(UserError, match="fp32 only"):
+        choose_runner(bundle, "torch", "int8")
+    with pytest.raises(UserError, match="calibrate"):
+        choose_runner(bundle, "onnxruntime", "int8")
+
+
+def test_explicit_onnxruntime_exports_lazily_and_matches_torch(bundle: Path, demo_images) -> None:
+    images = demo_images.images[:48]
+    with make_runner(bundle, "torch") as torch_runner:
+        ref = torch_runner.infer(images)
+    with make_runner(bundle, "onnxruntime") as ort_runner:
+        got = ort_runner.infer(images)
+        assert ort_runner.choice.backend == "onnxruntime"
+    assert (bundle / "onnx" / "detector.onnx").is_file()
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] == "dede-detector" and "thresholds" in manifest  # existing keys kept
+    assert manifest["deployment"]["precisions"]["fp32"]["gate"]["passed"]
+
+
+def test_auto_prefers_measured_fastest_and_skips_failed_gates(bundle: Path) -> None:
+    from dede_rt.engines.registry import device_kind
+
+    if not (bundle / "onnx" / "detector.onnx").is_file():
+        pytest.skip("needs the lazy export of the previous test")
+    # a failed int8 gate must never be picked, even when it is "faster"
+    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
+    kind = device_kind()
+    update_deployment(bundle, "benchmarks", None, {
+        "torch:fp32": {"throughput": 900.0, "device": kind},
+        "onnxruntime:fp32": {"throughput": 100.0, "device": kind},
+        "onnxruntime:int8": {"throughput": 5000.0, "device": kind}})
+    choice = choose_runner(bundle)
+    assert (choice.backend, choice.precision) == ("torch", "fp32"), choice
+    assert "fastest measured" in choice.reason
+    update_deployment(bundle, "benchmarks", None, {})
+    assert choose_runner(bundle).backend == "onnxruntime"  # static preference without measurements
+    assert "int8" in deployment(bundle)["precisions"]

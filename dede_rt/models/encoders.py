@@ -169,10 +169,11 @@ def resnet_from_weights(state: dict[str, torch.Tensor]) -> CifarResNet:
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise UserError(f"weights do not fit a CIFAR ResNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model
+    return model.eval()
 
 
 def _probe_dim(backbone: nn.Module, image_size: int) -> int:
+    backbone.eval()  # a probe in train mode would update BatchNorm statistics
     with torch.no_grad():
         out = backbone(torch.zeros(2, 3, image_size, image_size))
     if out.ndim < 2 or out.shape[0] != 2:

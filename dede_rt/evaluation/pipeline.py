@@ -1,0 +1,232 @@
+"""``dede-rt eval``: victims -> test sets -> DeDe detectors and baselines -> the results table.
+
+For every encoder (the clean control and each victim) embeddings are computed
+once; each DeDe decoder is trained on cached embeddings and scores the test
+set from cached embeddings too (at the test mask ratio no patch is visible,
+so the score needs only the embedding; checked below, otherwise the full
+scoring path runs). Per victim and trigger the detection test set is the
+clean test split (negatives) plus its non-target-class images with the
+trigger stamped in uint8 (positives). Variants:
+- regime ``id``: decoder trained on clean in-distribution data (digit train
+  split); ``ood``: trained on photo crops only (never digits);
+- ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
+- seeds: one decoder per seed; the table reports mean ± std over seeds;
+- control: the CLEAN encoder scored on the same triggered images.
+The threshold is calibrated at ``fpr`` on clean held-out images of the
+decoder's own training regime (never on test scores), and "after removal"
+numbers re-measure the linear probe on what the detector lets through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
+from dede_rt.data.transforms import Normalization
+from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimSpec, build_victims,
+                                        eval_data, make_trigger)
+from dede_rt.metrics import detection_report, rates_at_threshold
+from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
+from dede_rt.models.encoders import VictimEncoder
+from dede_rt.probe import accuracy, attack_success_rate, fit_probe
+from dede_rt.scoring import TEST_MASK_RATIO, masked_sse, score_images
+from dede_rt.thresholds import threshold_at_fpr
+from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
+
+EVAL_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2, "patch_size": 4}
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``dede-rt eval`` varies; defaults sized for a few CPU cores."""
+
+    victims: tuple[str, ...] = DEFAULT_VICTIMS
+    victim: VictimConfig = field(default_factory=VictimConfig)
+    decoder: dict = field(default_factory=lambda: dict(EVAL_DECODER))
+    decoder_epochs: int = 40
+    decoder_batch: int = 128
+    decoder_lr: float = 1e-3
+    train_mask_ratio: float = 0.9
+    seeds: tuple[int, ...] = (21, 22, 23)
+    regimes: tuple[str, ...] = ("id", "ood")
+    l2_variants: tuple[bool, ...] = (False, True)
+    fpr: float = 0.01
+    holdout_fraction: float = 0.15
+    knn_k: int = 10
+    decree_steps: int = 300
+    recon_examples: int = 6
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return asdict(self)
+
+
+@dataclass
+class EncoderRun:
+    """Cached per-encoder state: embeddings, probe predictions."""
+
+    victim: Victim
+    raw: dict[str, np.ndarray]  # set name -> raw embeddings
+    predictions: dict[str, np.ndarray]  # set name -> probe predictions
+
+
+def _embed_sets(encoder: VictimEncoder, normalization: Normalization, sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: compute_embeddings(encoder, normalization, images) for name, images in sets.items()}
+
+
+def _l2(z: np.ndarray) -> np.ndarray:
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+@torch.no_grad()
+def embedding_scores(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
+                     embeddings: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio)."""
+    p = decoder.config.patch_size
+    out = np.empty(len(images_u8), np.float32)
+    for start in range(0, len(images_u8), batch_size):
+        x = normalization.apply(images_u8[start : start + batch_size])
+        z = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch_size]))
+        pred = decoder.decode_embedding(z)
+        masked = torch.ones(pred.shape[:2], dtype=torch.bool)
+        out[start : start + len(x)] = masked_sse(pred, patchify_images(x, p), masked).numpy()
+    return out
+
+
+@torch.no_grad()
+def reconstruct(decoder: DeDeDecoder, normalization: Normalization, embeddings: np.ndarray) -> np.ndarray:
+    """uint8 NHWC reconstructions from embeddings alone."""
+    from dede_rt.models.decoder import unpatchify
+
+    pred = decoder.decode_embedding(torch.from_numpy(np.ascontiguousarray(embeddings)))
+    return normalization.invert(unpatchify(pred, decoder.config.patch_size))
+
+
+def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: str | Path | None = None,
+             progress: bool = True, log=print) -> dict:
+    """Build/load victims, train and score every detector variant, write results.{json,md} and plots to ``out``."""
+    from dede_rt.evaluation.report import write_report
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    normalization = Normalization()
+    data = eval_data(normalization.image_size, seed=config.victim.seed)
+    specs = [VictimSpec.parse(v) for v in config.victims]
+    clean, victims = build_victims(victims_dir or out / "victims", specs, data, normalization, config.victim,
+                                   progress, log)
+    target = config.victim.target
+    nontarget = data.test_labels != target
+    triggers = sorted({v.trigger_name for v in victims})
+    triggered = {t: make_trigger(t, normalization.image_size, config.victim.seed).stamp(data.test[nontarget])
+                 for t in triggers}
+    trig_labels = data.test_labels[nontarget]
+    regimes = {"id": data.id_train, "ood": data.ood_train}
+    splits = {r: split_holdout(len(regimes[r]), config.holdout_fraction, 0) for r in config.regimes}
+    log(f"data: {data.summary()}; test: {len(data.test)} clean + {int(nontarget.sum())} triggered per trigger")
+    for v in [clean, *victims]:
+        status = "control" if v.attack == "clean" else ("backdoored" if v.backdoored else "FAILED attack (ASR < 0.8)")
+        log(f"victim {v.name}: BA {v.ba:.3f}  ASR {v.asr:.3f}  [{status}]")
+
+    records: list[dict] = []
+    decree: dict[str, dict] = {}
+    curves: dict = {}
+    recon: dict[str, dict] = {}
+    dconf_base = {**config.decoder, "image_size": normalization.image_size}
+    if visible_count((normalization.image_size // dconf_base["patch_size"]) ** 2, TEST_MASK_RATIO) != 0:
+        raise RuntimeError("eval scores from cached embeddings, which needs zero visible patches at test time")
+    for victim in [clean, *victims]:
+        encoder = victim.encoder()
+        own = triggers if victim.attack == "clean" else [victim.trigger_name]
+        sets = {"id": data.id_train, "ood": data.ood_train, "test": data.test, **{f"trig:{t}": triggered[t] for t in own}}
+        raw = _embed_sets(encoder, normalization, sets)
+        probe = fit_probe(raw["id"], data.id_train_labels, config.victim.seed)
+        pred_clean = probe.predict(raw["test"])
+        for t in own:
+            pred_trig = probe.predict(raw[f"trig:{t}"])
+            common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
+            records.append({**common, "view": "raw", "method": "probe", "regime": "-", "seed": None,
+                            "ba": accuracy(pred_clean, data.test_labels),
+                            "asr": attack_success_rate(pred_trig, trig_labels, target)})
+            for l2 in config.l2_variants:
+                emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
+                view = "l2" if l2 else "raw"
+                labels = np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))]
+                base = {**common, "view": view}
+                s = np.r_[embedding_norm_scores(emb["test"]), embedding_norm_scores(emb[f"trig:{t}"])]
+                records.append({**base, "method": "embedding_norm", "regime": "-", "seed": None,
+                                **detection_report(labels, s)})
+                curves[(victim.name, t, view, "embedding_norm", "-")] = (labels, s)
+                for regime in config.regimes:
+                    ref = emb[regime][splits[regime][0]]
+                    s = np.r_[knn_distance_scores(emb["test"], ref, config.knn_k),
+                              knn_distance_scores(emb[f"trig:{t}"], ref, config.knn_k)]
+                    records.append({**base, "method": "knn", "regime": regime, "seed": None,
+                                    **detection_report(labels, s)})
+                    curves[(victim.name, t, view, "knn", regime)] = (labels, s)
+        # DeDe decoders: trained once per (view, regime, seed), scored on every trigger of this encoder.
+        for l2 in config.l2_variants:
+            view = "l2" if l2 else "raw"
+            emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
+            dconf = DecoderConfig(**{**dconf_base, "embed_dim": encoder.embed_dim})
+            for regime in config.regimes:
+                train_idx, hold_idx = splits[regime]
+                images = regimes[regime]
+                for seed in config.seeds:
+                    t0 = time.perf_counter()
+                    result = train_decoder(encoder, normalization, images[train_idx], dconf,
+                                           TrainConfig(config.decoder_epochs, config.decoder_batch, config.decoder_lr,
+                                                       mask_ratio=config.train_mask_ratio, seed=seed),
+                                           embeddings=emb[regime][train_idx], progress=False)
+                    decoder = result.decoder
+                    hold = embedding_scores(decoder, normalization, images[hold_idx], emb[regime][hold_idx])
+                    threshold = threshold_at_fpr(hold, config.fpr)
+                    s_clean = embedding_scores(decoder, normalization, data.test, emb["test"])
+                    seconds = time.perf_counter() - t0
+                    for t in own:
+                        s_trig = embedding_scores(decoder, normalization, triggered[t], emb[f"trig:{t}"])
+                        labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
+                        scores = np.r_[s_clean, s_trig]
+                        report = detection_report(labels, scores, threshold)
+                        flag_c, flag_t = s_clean > threshold, s_trig > threshold
+                        pred_trig = probe.predict(raw[f"trig:{t}"])
+                        after = {"ba_after": accuracy(pred_clean[~flag_c], data.test_labels[~flag_c]),
+                                 "asr_after": float(((pred_trig == target) & ~flag_t).sum() / len(s_trig)),
+                                 "removed_clean": float(flag_c.mean())}
+                        records.append({"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": view,
+                                        "method": "dede", "regime": regime, "seed": seed, "threshold": threshold,
+                                        "final_loss": result.losses[-1], "train_seconds": round(seconds, 1),
+                                        **report, **after})
+                        if seed == config.seeds[0]:
+                            curves[(victim.name, t, view, "dede", regime)] = (labels, scores)
+                    if seed == config.seeds[0] and regime == config.regimes[0] and view == "raw":
+                        k = config.recon_examples
+                        recon[victim.name] = {t: {"clean": data.test[nontarget][:k],
+                                                  "clean_rec": reconstruct(decoder, normalization, emb["test"][nontarget][:k]),
+                                                  "trig": triggered[t][:k],
+                                                  "trig_rec": reconstruct(decoder, normalization, emb[f"trig:{t}"][:k])}
+                                              for t in own}
+                    log(f"  {victim.name} {view} {regime} seed {seed}: decoder {config.decoder_epochs} epochs in "
+                        f"{seconds:.0f} s, loss {result.losses[-1]:.3f}; AUROC "
+                        + ", ".join(f"{r['trigger']} {r['auroc']:.3f}" for r in records[-len(own):]))
+        if config.decree_steps > 0:
+            t0 = time.perf_counter()
+            res = invert_trigger(encoder.backbone, normalization, data.id_train,
+                                 DecreeConfig(steps=config.decree_steps, seed=config.victim.seed))
+            decree[victim.name] = {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+            log(f"  {victim.name} DECREE (simplified): PL1-norm {res.pl1_norm:.3f}, similarity {res.similarity:.3f}, "
+                f"{'trojaned' if res.trojaned else 'clean'}")
+    results = {
+        "config": config.to_dict(), "data": data.summary(), "target_class": target,
+        "victims": [v.to_dict() for v in [clean, *victims]], "decree": decree, "records": records,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_report(out, results, curves, recon)
+    return results

@@ -1,0 +1,193 @@
+"""Writing ``dede-rt eval`` results: the paper-shaped table (Markdown + JSON), ROC/histogram PNGs, reconstructions."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "drupe": "DRUPE", "ctrl": "CTRL"}
+TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "ctrl": "frequency"}
+METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede", "ood", "DeDe (OOD)"), ("embedding_norm", "-", "Emb. norm"),
+                  ("knn", "id", "kNN dist. (ID ref)"), ("knn", "ood", "kNN dist. (OOD ref)"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not np.isnan(v)], np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Mean/std over seeds for each (encoder, trigger, view, method, regime)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["encoder"], r["attack"], r["trigger"], r["view"], r["method"], r["regime"])].append(r)
+    rows = []
+    for (encoder, attack, trigger, view, method, regime), rs in groups.items():
+        row = {"encoder": encoder, "attack": attack, "trigger": trigger, "view": view, "method": method,
+               "regime": regime, "n": len(rs)}
+        for key in ("auroc", "auprc", "tpr_at_fpr_0.01", "tpr_at_threshold", "fpr_at_threshold", "ba_after",
+                    "asr_after", "ba", "asr"):
+            if key in rs[0]:
+                row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    auroc = f"{row['auroc']:.3f}" + (f"±{row['auroc_std']:.3f}" if row["n"] > 1 else "")
+    return f"{auroc} / {row['auprc']:.3f} / {row['tpr_at_fpr_0.01']:.2f}"
+
+
+def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
+    keys = sorted({(r["encoder"], r["attack"], r["trigger"], r["view"]) for r in rows if r["method"] != "probe"},
+                  key=lambda k: (k[1] == "clean", k[0], k[2], k[3] != "raw"))
+    return keys
+
+
+def markdown_table(results: dict) -> str:
+    """The results as Markdown: detection table (rows attacks, columns methods) and downstream BA/ASR table."""
+    rows = aggregate(results["records"])
+    index = {(r["encoder"], r["trigger"], r["view"], r["method"], r["regime"]): r for r in rows}
+    cfg = results["config"]
+    lines = ["### Detection: AUROC (mean±std over decoder seeds) / AUPRC / TPR at 1% FPR", "",
+             f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
+             f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
+             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. ID = decoder trained on clean digits; "
+             "OOD = trained on photo crops only. `l2` = same encoder, embeddings L2-normalized. DECREE (simplified, "
+             "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
+             "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
+             "|" + "---|" * (5 + len(METHOD_COLUMNS))]
+    victims = {v["name"]: v for v in results["victims"]}
+    for encoder, attack, trigger, view in _row_order(rows):
+        probe = index.get((encoder, trigger, "raw", "probe", "-"))
+        asr = f"{probe['asr']:.2f}" if probe else "–"
+        if attack != "clean" and probe and probe["asr"] < 0.8:
+            asr += " (failed attack)"
+        name = ATTACK_NAMES.get(attack, attack) + ("" if attack == "clean" or encoder == f"{attack}_{trigger}" else f" ({encoder})")
+        d = results["decree"].get(encoder)
+        decree = f"{d['pl1_norm']:.3f} ({'trojaned' if d['trojaned'] else 'clean'})" if d and view == "raw" else ""
+        cells = [_cell(index.get((encoder, trigger, view, m, g))) for m, g, _ in METHOD_COLUMNS]
+        lines.append(f"| {name} | {TRIGGER_NAMES.get(trigger, trigger)} | {view} | {asr} | " + " | ".join(cells)
+                     + f" | {decree} |")
+    lines += ["", f"### Downstream: linear probe BA/ASR before and after removing flagged samples (DeDe, raw "
+              f"embeddings, threshold at {cfg['fpr']:g} FPR calibrated on clean held-out data of the regime)", "",
+              "ASR after = triggered test images that are NOT flagged and still classified as the target, over all "
+              "triggered test images; BA after = probe accuracy on the clean test images that are not flagged.", "",
+              "| victim | trigger | BA | ASR | status | ID: TPR / FPR | ID: BA / ASR after | OOD: TPR / FPR | "
+              "OOD: BA / ASR after |", "|---|---|---|---|---|---|---|---|---|"]
+    for encoder, attack, trigger, view in _row_order(rows):
+        if view != "raw":
+            continue
+        probe = index.get((encoder, trigger, "raw", "probe", "-"))
+        if probe is None:
+            continue
+        status = "control" if attack == "clean" else ("backdoored" if probe["asr"] >= 0.8 else "**failed attack**")
+        cells = []
+        for regime in ("id", "ood"):
+            r = index.get((encoder, trigger, "raw", "dede", regime))
+            if r is None:
+                cells += ["–", "–"]
+            else:
+                cells += [f"{r['tpr_at_threshold']:.2f} / {r['fpr_at_threshold']:.3f}",
+                          f"{r['ba_after']:.3f} / {r['asr_after']:.3f}"]
+        lines.append(f"| {ATTACK_NAMES.get(attack, attack)} | {TRIGGER_NAMES.get(trigger, trigger)} | "
+                     f"{probe['ba']:.3f} | {probe['asr']:.3f} | {status} | " + " | ".join(cells) + " |")
+    lines += ["", "Victims: " + "; ".join(f"{v['name']} (BA {v['ba']:.3f}, ASR {v['asr']:.3f}, built in "
+                                           f"{v['build_seconds']:.0f} s)" for v in victims.values()),
+              f"Total eval time: {results['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _plots(out: Path, curves: dict, recon: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    written = []
+    panels = sorted({(e, t) for (e, t, v, m, g) in curves if not e == "clean"})
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+        for ax, (enc, trig) in zip(axes[0], panels):
+            for key, style, label in (((enc, trig, "raw", "dede", "id"), "-", "DeDe ID"),
+                                      ((enc, trig, "l2", "dede", "id"), "--", "DeDe ID, L2"),
+                                      ((enc, trig, "raw", "dede", "ood"), "-.", "DeDe OOD"),
+                                      (("clean", trig, "raw", "dede", "id"), ":", "control (clean enc.)"),
+                                      ((enc, trig, "raw", "embedding_norm", "-"), "-", "emb. norm"),
+                                      ((enc, trig, "raw", "knn", "id"), "-", "kNN")):
+                if key in curves:
+                    fpr, tpr, _ = roc_curve(*curves[key])
+                    ax.plot(fpr, tpr, style, lw=1.2, label=label)
+            ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+            ax.set_title(f"{enc}", fontsize=8)
+            ax.set_xlabel("FPR", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_ylabel("TPR", fontsize=8)
+        axes[0][0].legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "roc.png", dpi=80)
+        plt.close(fig)
+        written.append("roc.png")
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+        for ax, (enc, trig) in zip(axes[0], panels):
+            key = (enc, trig, "raw", "dede", "id")
+            if key not in curves:
+                continue
+            labels, scores = curves[key]
+            bins = np.histogram_bin_edges(np.log10(scores + 1e-6), 40)
+            ax.hist(np.log10(scores[labels == 0] + 1e-6), bins, alpha=0.6, label="clean")
+            ax.hist(np.log10(scores[labels == 1] + 1e-6), bins, alpha=0.6, label="triggered")
+            ax.set_title(enc, fontsize=8)
+            ax.set_xlabel("log10 DeDe score (ID, raw)", fontsize=7)
+            ax.tick_params(labelsize=7)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "histograms.png", dpi=80)
+        plt.close(fig)
+        written.append("histograms.png")
+    if recon:
+        from PIL import Image
+
+        rows = []
+        for enc in sorted(recon):
+            for trig, r in sorted(recon[enc].items()):
+                strip = np.concatenate([np.concatenate(list(r[k]), axis=1) for k in ("clean", "clean_rec", "trig", "trig_rec")], axis=0)
+                rows.append((f"{enc} / {trig}", strip))
+        gap = 4
+        width = max(s.shape[1] for _, s in rows)
+        canvas = np.full((sum(s.shape[0] + gap for _, s in rows), width * 2 + gap, 3), 255, np.uint8)
+        y = 0
+        for _, strip in rows:  # each block: rows = clean, its reconstruction, triggered, its reconstruction
+            h = strip.shape[0] // 4
+            left = np.concatenate([strip[:h], strip[h : 2 * h]], axis=0)
+            right = np.concatenate([strip[2 * h : 3 * h], strip[3 * h :]], axis=0)
+            canvas[y : y + 2 * h, : left.shape[1]] = left
+            canvas[y : y + 2 * h, width + gap : width + gap + right.shape[1]] = right
+            y += 2 * h + gap
+        canvas = canvas[:y]
+        Image.fromarray(canvas).resize((canvas.shape[1] * 2, canvas.shape[0] * 2), Image.Resampling.NEAREST).save(
+            out / "reconstructions.png", optimize=True)
+        (out / "reconstructions.txt").write_text(
+            "Each block (top to bottom): " + ", ".join(name for name, _ in rows) + ".\nLeft: clean test images (row 1) "
+            "and their reconstructions from the embedding alone (row 2); right: the same images with the trigger and "
+            "their reconstructions. Decoder: ID regime, raw embeddings, first seed.\n")
+        written.append("reconstructions.png")
+    return written
+
+
+def write_report(out: str | Path, results: dict, curves: dict, recon: dict) -> dict[str, Path]:
+    """Write results.json, results.md and the PNGs into ``out``; returns the paths."""
+    out = Path(out)
+    results["summary"] = aggregate(results["records"])
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    (out / "results.md").write_text(markdown_table(results))
+    written = _plots(out, curves, recon)
+    return {"json": out / "results.json", "markdown": out / "results.md", **{p: out / p for p in written}}

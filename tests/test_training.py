@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from dede_rt.data.transforms import Normalization
+from dede_rt.errors import UserError
+from dede_rt.models.decoder import DecoderConfig
+from dede_rt.models.encoders import load_encoder
+from dede_rt.training import TrainConfig, compute_embeddings, train_decoder
+
+DCONF = DecoderConfig(embed_dim=128, dim=32, heads=2, encoder_depth=1, decoder_depth=1)
+CONF = TrainConfig(epochs=2, batch_size=32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def setup(encoder_file, demo_images):
+    enc, _ = load_encoder(encoder_file)
+    return enc, Normalization(), demo_images.images[:96]
+
+
+def _weights(result):
+    return torch.cat([p.detach().flatten() for p in result.decoder.parameters()])
+
+
+def test_training_is_seeded_and_deterministic(setup):
+    enc, norm, imgs = setup
+    a = train_decoder(enc, norm, imgs, DCONF, CONF, progress=False)
+    b = train_decoder(enc, norm, imgs, DCONF, CONF, progress=False)
+    assert a.losses == b.losses and torch.equal(_weights(a), _weights(b))
+    c = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=2, batch_size=32, seed=6), progress=False)
+    assert not torch.equal(_weights(a), _weights(c))
+
+
+def test_cached_embeddings_train_exactly_like_reencoding(setup):
+    """The cache is a pure speed-up: same seed, same decoder as re-encoding every batch."""
+    enc, norm, imgs = setup
+    cached = train_decoder(enc, norm, imgs, DCONF, CONF, progress=False)
+    reenc = train_decoder(enc, norm, imgs, DCONF, CONF, progress=False, reencode=True)
+    torch.testing.assert_close(_weights(cached), _weights(reenc), rtol=1e-5, atol=1e-6)
+
+
+def test_memmap_cache(setup, tmp_path):
+    enc, norm, imgs = setup
+    mm = compute_embeddings(enc, norm, imgs, batch_size=40, cache_path=tmp_path / "emb.npy")
+    ram = compute_embeddings(enc, norm, imgs)
+    assert isinstance(mm, np.memmap) and mm.shape == (96, 128)
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), ram, rtol=1e-5)
+
+
+def test_resume_continues_bit_exactly(setup, tmp_path):
+    enc, norm, imgs = setup
+    full = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5), progress=False)
+    train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5), checkpoint_dir=tmp_path,
+                  progress=False)  # "killed" after epoch 1
+    resumed = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5),
+                            checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.epochs_run == 2 and resumed.losses == full.losses
+    assert torch.equal(_weights(resumed), _weights(full))
+    with pytest.raises(UserError, match="training options changed"):
+        train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=4, batch_size=32, seed=5, lr=0.1),
+                      checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_adamw_and_grad_clip_options(setup):
+    enc, norm, imgs = setup
+    r = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, optimizer="adamw", grad_clip=1.0),
+                      progress=False)
+    assert np.isfinite(r.losses[0])
+    with pytest.raises(UserError, match="unknown optimizer"):
+        train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, optimizer="sgd"), progress=False)
+
+
+def test_wrong_embedding_dimension(setup):
+    enc, norm, imgs = setup
+    with pytest.raises(UserError, match="512-d"):
+        train_decoder(enc, norm, imgs, DecoderConfig(embed_dim=512, dim=32, heads=2, encoder_depth=1, decoder_depth=1),
+                      CONF, embeddings=np.zeros((96, 128), np.float32), progress=False)

@@ -42,6 +42,7 @@ ONNX_DIR = "onnx"
 DYNAMO_OPSET = 18
 TORCHSCRIPT_OPSET = 17
 MAX_BATCH = 65536
+ALL_GRAPHS = ("detector", "detector_nchw", "encoder", "decoder")
 
 
 def _export_module(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -118,17 +119,21 @@ def splice_onnx_encoder(normalize: onnx.ModelProto, encoder: onnx.ModelProto, sc
     # Two copies of x leave the normalize graph: one feeds the encoder, one the score graph.
     g = normalize.graph
     g.node.append(onnx.helper.make_node("Identity", ["x"], ["x_for_score"], name="x_for_score"))
-    g.output.append(onnx.helper.make_tensor_value_info("x_for_score", onnx.TensorProto.FLOAT, None))
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(next(o for o in g.output if o.name == "x"))
+    copy.name = "x_for_score"
+    g.output.append(copy)
+    # Distinct prefixes: the exporters reuse edge names (val_0, permute, ...) across graphs.
+    normalize = onnx.compose.add_prefix(normalize, "normalize/", rename_inputs=False)
     encoder = onnx.compose.add_prefix(encoder, "encoder/")
+    score = onnx.compose.add_prefix(score, "score/", rename_outputs=False)
     enc_in, enc_out = encoder.graph.input[0].name, encoder.graph.output[0].name
     normalize, encoder = _harmonize(normalize, encoder)
-    front = onnx.compose.merge_models(normalize, encoder, io_map=[("x", enc_in)], outputs=["x_for_score", enc_out])
+    front = onnx.compose.merge_models(normalize, encoder, io_map=[("normalize/x", enc_in)],
+                                      outputs=["normalize/x_for_score", enc_out])
     front, score = _harmonize(front, score)
     s_images, s_embed = (i.name for i in score.graph.input)
-    return onnx.compose.merge_models(front, score, io_map=[("x_for_score", s_images), (enc_out, s_embed)])
-
-
-ALL_GRAPHS = ("detector", "detector_nchw", "encoder", "decoder")
+    return onnx.compose.merge_models(front, score, io_map=[("normalize/x_for_score", s_images), (enc_out, s_embed)])
 
 
 def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: str | Path | None = None,

@@ -1,0 +1,136 @@
+"""ONNX export: fused graphs match torch, split graphs compose, ONNX encoders are spliced, fixed masks export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dede_rt.detector import Detector, load_detector
+from dede_rt.engines.comparator import compare_runners, compare_scores
+from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+from dede_rt.engines.torch_runner import TorchRunner
+from dede_rt.export import export_detector
+from dede_rt.export.bundle import deployment
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny detector with every graph exported (TorchScript exporter: 10x faster to export in tests)."""
+    out = tmp_path_factory.mktemp("export") / "det"
+    shutil.copytree(tiny_detector_dir, out)
+    export_detector(out, exporter="torchscript")
+    return out
+
+
+def test_default_dynamo_export_matches_torch(tiny_detector_dir: Path, tmp_path: Path, demo_images) -> None:
+    """The default exporter (dynamo, opset 18): fused uint8 graph within 1e-4 relative of torch."""
+    bundle = tmp_path / "det"
+    shutil.copytree(tiny_detector_dir, bundle)
+    record = export_detector(bundle, graphs=("detector",))
+    assert record["graphs"]["detector"]["exporter"] == "dynamo" and record["graphs"]["detector"]["opset"] == 18
+    images = demo_images.images[::41][:100]
+    with OnnxRuntimeRunner(bundle / "onnx" / "detector.onnx", 32) as runner:
+        got = runner.infer(images)
+    cmp = compare_scores(load_detector(bundle).score(images), got)
+    assert cmp.max_rel_diff < 1e-4, cmp
+
+
+def test_graphs_written_checked_and_recorded(exported: Path) -> None:
+    dep = deployment(exported)
+    graphs = dep["onnx"]["graphs"]
+    assert set(graphs) == {"detector", "detector_nchw", "encoder", "decoder"}
+    for name, entry in graphs.items():
+        model = onnx.load(str(exported / entry["path"]))
+        onnx.checker.check_model(model, full_check=True)
+        assert entry["opset"] >= 17
+        assert isinstance(entry["inputs"][0]["shape"][0], str), f"{name}: batch dimension is not dynamic"
+    assert graphs["detector"]["inputs"][0]["dtype"] == "uint8"
+    assert graphs["detector"]["inputs"][0]["shape"][1:] == [32, 32, 3]
+    assert graphs["detector_nchw"]["inputs"][0]["shape"][1:] == [3, 32, 32]
+    assert dep["onnx"]["visible_patches"] == 0
+    assert dep["onnx"]["parity"]["max_rel_diff"] < 1e-4
+    # no MAE encoder block in the test-time graph: only decoder_depth(=1) attention softmaxes
+    ops = [n.op_type for n in onnx.load(str(exported / graphs["decoder"]["path"])).graph.node]
+    assert ops.count("Softmax") <= 1
+
+
+def test_fused_fp32_matches_torch_within_1e_4(exported: Path, demo_images) -> None:
+    images = demo_images.images[::37][:100]
+    runner_t = TorchRunner(exported)
+    runner_o = OnnxRuntimeRunner(exported / "onnx" / "detector.onnx", 32)
+    cmp = compare_runners(runner_t, runner_o, images, threshold=load_detector(exported).threshold(), batch_size=33)
+    assert cmp.max_rel_diff < 1e-4, cmp
+    assert cmp.spearman > 0.9999 and cmp.flag_agreement == 1.0
+    # odd batch sizes through the dynamic batch dimension
+    with runner_o:
+        one = runner_o.infer(images[:1])
+    assert one.shape == (1,)
+
+
+def test_nchw_and_split_graphs_agree_with_fused(exported: Path, demo_images) -> None:
+    images = demo_images.images[:40]
+    fused = _session(exported / "onnx" / "detector.onnx").run(None, {"images": images})[0]
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    nchw = _session(exported / "onnx" / "detector_nchw.onnx").run(None, {"images": pixels})[0]
+    det = load_detector(exported)
+    x = det.normalization.apply(images).numpy()
+    z = _session(exported / "onnx" / "encoder.onnx").run(None, {"images": x})[0]
+    split = _session(exported / "onnx" / "decoder.onnx").run(None, {"images": x, "embedding": z})[0]
+    np.testing.assert_allclose(nchw, fused, rtol=1e-5)
+    np.testing.assert_allclose(split, fused, rtol=1e-5)
+
+
+def test_visible_patches_are_a_constant_mask(tiny_detector_dir: Path, tmp_path: Path, demo_images) -> None:
+    """At a test mask ratio that keeps patches visible, the seeded shared mask is baked in and still matches."""
+    from dede_rt.export.graphs import FusedDetector
+    from dede_rt.export.onnx_export import _export_module
+
+    det = load_detector(tiny_detector_dir)
+    det.test_mask_ratio = 0.75  # keeps 16 of 64 patches
+    images = demo_images.images[:24]
+    ref = det.score(images)
+    module = FusedDetector(det.encoder, det.decoder, det.normalization, 0.75, det.mask_seed)
+    assert module.score.keep == 16
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(images)).numpy(), ref, rtol=1e-5)
+    path = tmp_path / "fixed_mask.onnx"
+    used = _export_module(module, (torch.from_numpy(images[:2]),), path, ["images"], ["scores"], "torchscript")
+    assert used == "torchscript"
+    got = _session(path).run(None, {"images": images})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+def test_onnx_encoder_is_spliced_not_reexported(tmp_path: Path, demo_images) -> None:
+    from dede_rt.data.transforms import Normalization
+    from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
+    from dede_rt.models.encoders import load_encoder
+    from dede_rt.models.resnet import build_resnet
+
+    torch.manual_seed(1)
+    enc_path = tmp_path / "black_box.onnx"
+    torch.onnx.export(build_resnet("resnet_small").eval(), (torch.zeros(2, 3, 32, 32),), str(enc_path),
+                      input_names=["pixels"], output_names=["feat"], opset_version=17, dynamo=False,
+                      dynamic_axes={"pixels": {0: "n"}, "feat": {0: "n"}})
+    encoder, info = load_encoder(enc_path, "onnx", 32)
+    decoder = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], dim=32, heads=2, encoder_depth=1, decoder_depth=1))
+    det = Detector(encoder, decoder, Normalization(), info, np.linspace(0, 1, 100, dtype=np.float32), {"0.01": 1.0})
+    bundle = det.save(tmp_path / "det")
+    record = export_detector(bundle, graphs=("detector",))
+    assert record["graphs"]["detector"]["exporter"] == "onnx.compose splice"
+    fused = onnx.load(str(bundle / "onnx" / "detector.onnx"))
+    assert any(n.name.startswith("encoder/") for n in fused.graph.node)
+    images = demo_images.images[:20]
+    got = _session(bundle / "onnx" / "detector.onnx").run(None, {"images": images})[0]
+    cmp = compare_scores(det.score(images), got)
+    assert cmp.max_rel_diff < 1e-4, cmp

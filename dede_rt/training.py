@@ -270,7 +270,7 @@ def train_detector(
                             "calibration_images": int(len(hold_images)), "final_loss": result.losses[-1],
                             "epochs_run": len(result.losses), "embed_seconds": round(result.embed_seconds, 3),
                             "train_seconds": round(result.train_seconds, 3),
-                            "data": data if not isinstance(data, np.ndarray) else "in-memory array"}})
+                            "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}})
     if out is not None:
         detector.save(out, embed_encoder=embed_encoder)
     return detector

@@ -1,0 +1,80 @@
+"""The CLI: commands listed, user mistakes become one line on stderr and exit status 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dede_rt.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("train", "demo", "info"):
+        assert command in proc.stdout
+
+
+def test_missing_encoder(tmp_path):
+    (tmp_path / "data").mkdir()
+    proc = run_cli("train", "--encoder", tmp_path / "nope.pth", "--data", tmp_path / "data", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "encoder file not found")
+
+
+def test_corrupt_checkpoint(tmp_path, demo_images):
+    (tmp_path / "bad.pth").write_bytes(b"this is not a checkpoint")
+    proc = run_cli("train", "--encoder", tmp_path / "bad.pth", "--data", tmp_path, "--out", tmp_path / "o")
+    assert_one_line_error(proc, "not a readable PyTorch checkpoint")
+
+
+def test_empty_folder(tmp_path, encoder_file):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path / "empty", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "no images found")
+
+
+def test_missing_data(tmp_path, encoder_file):
+    proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "no such file or directory")
+
+
+def test_bad_option_values(tmp_path, encoder_file):
+    proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path, "--out", tmp_path / "o", "--mean", "1,2")
+    assert_one_line_error(proc, "three comma-separated numbers")
+
+
+def test_wrong_embedding_dimension(tmp_path, tiny_detector_dir):
+    bundle = tmp_path / "det"
+    shutil.copytree(tiny_detector_dir, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["decoder"]["embed_dim"] = 2048
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("info", bundle), "expects 2048-d")
+
+
+def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, img in enumerate(demo_images.images[:120]):
+        Image.fromarray(img).save(data / f"{i:03d}.png")
+    out = tmp_path / "det"
+    proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", out, "--epochs", 1, "--dim", 32,
+                   "--heads", 2, "--encoder-depth", 1, "--decoder-depth", 1, "--holdout", 0.25, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "detector written" in proc.stdout
+    info = json.loads(run_cli("info", out).stdout)
+    assert info["training"]["images"] == 90 and info["training"]["calibration_images"] == 30

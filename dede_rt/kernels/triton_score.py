@@ -167,6 +167,13 @@ def _mask_args(mask: torch.Tensor | None, n: int, tokens: int, dummy: torch.Tens
     return weights, (0 if weights.shape[0] == 1 else tokens)
 
 
+def _launch(config: dict) -> dict:
+    """Meta-parameters plus launch options (num_warps, num_stages) for a direct, untuned launch."""
+    out = dict(config)
+    out.setdefault("num_warps", 4)
+    return out
+
+
 def _finish(partials: torch.Tensor) -> torch.Tensor:
     return partials[:, 0] if partials.shape[1] == 1 else partials.sum(dim=1)
 
@@ -194,9 +201,7 @@ def mask_and_score(
         _score_tuned[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, **consts)
     else:
         cfg = dict(config or {"BLOCK": 1024})
-        warps = cfg.pop("num_warps", 4)
-        mask_and_score_kernel[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, **consts, **cfg,
-                                          num_warps=warps)
+        mask_and_score_kernel[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, **consts, **_launch(cfg))
     return _finish(out)
 
 
@@ -232,7 +237,6 @@ def mask_and_score_head(
         _head_tuned[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, PRECISION=precision, **consts)
     else:
         cfg = dict(config or {"BLOCK_T": 32, "BLOCK_P": 64, "BLOCK_D": 32})
-        warps = cfg.pop("num_warps", 4)
         mask_and_score_head_kernel[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, PRECISION=precision,
-                                               **consts, **cfg, num_warps=warps)
+                                               **consts, **_launch(cfg))
     return _finish(out)

@@ -184,7 +184,21 @@ def make_runner(bundle: str | Path, backend: str = "auto", precision: str | None
             runner = TensorRTRunner(choice.model_path, size, choice.precision, batch_size=batch_size)
     runner.choice = choice  # type: ignore[attr-defined]
     runner.batch_size_hint = batch_size  # type: ignore[attr-defined]
+    runner.thresholds = thresholds_for(bundle, choice)  # type: ignore[attr-defined]
     return runner
+
+
+def thresholds_for(bundle: str | Path, choice: RunnerChoice) -> dict[str, float]:
+    """Flagging thresholds by FPR for the chosen precision: re-calibrated ones for INT8/FP16, else the stored ones."""
+    from dede_rt.export.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    dep = manifest.get("deployment", {})
+    section = dep.get("tensorrt", {}) if choice.backend == "tensorrt" else dep.get("precisions", {})
+    entry = section.get(choice.precision, {})
+    if choice.precision != "fp32" and entry.get("thresholds"):
+        return dict(entry["thresholds"])
+    return dict(manifest["thresholds"]["by_fpr"])
 
 
 def describe_choice(bundle_or_runner: str | Path | BaseRunner, backend: str = "auto",

@@ -1,0 +1,58 @@
+"""The quality gate a lower precision must pass before ``auto`` may use it.
+
+With a labelled validation set (clean = 0, triggered = 1): AUROC may drop by
+at most ``auroc_drop`` and TPR at the precision's own re-calibrated threshold
+by at most ``tpr_drop`` versus FP32 at its threshold. Without labels: the
+Spearman rank correlation of scores on clean images must be at least
+``min_spearman``. Flag agreement with FP32 is always reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from dede_rt.metrics import detection_report
+
+
+@dataclass(frozen=True)
+class GateTolerance:
+    """How much worse than FP32 a lower precision may be."""
+
+    min_spearman: float = 0.99
+    auroc_drop: float = 0.01
+    tpr_drop: float = 0.02
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def quality_gate(ref_clean: np.ndarray, got_clean: np.ndarray, ref_threshold: float, got_threshold: float,
+                 labels: np.ndarray | None = None, ref_val: np.ndarray | None = None,
+                 got_val: np.ndarray | None = None, tol: GateTolerance = GateTolerance()) -> dict:
+    """Compare a precision's scores with FP32's; returns the measured deltas and ``passed``."""
+    rho = float(spearmanr(ref_clean, got_clean).statistic)
+    agree = float(np.mean((np.asarray(ref_clean) > ref_threshold) == (np.asarray(got_clean) > got_threshold)))
+    out: dict = {"spearman_clean": rho, "flag_agreement_clean": agree, "tolerance": tol.to_dict(),
+                 "clean_images": int(len(ref_clean))}
+    if labels is not None and ref_val is not None and got_val is not None and len(np.unique(labels)) == 2:
+        ref = detection_report(labels, ref_val, ref_threshold)
+        got = detection_report(labels, got_val, got_threshold)
+        d_auroc = ref["auroc"] - got["auroc"]
+        d_tpr = ref["tpr_at_threshold"] - got["tpr_at_threshold"]
+        out.update(mode="labelled", validation_images=int(len(labels)), triggered=int(np.sum(labels)),
+                   auroc_fp32=ref["auroc"], auroc=got["auroc"], tpr_fp32=ref["tpr_at_threshold"],
+                   tpr=got["tpr_at_threshold"], fpr_fp32=ref["fpr_at_threshold"], fpr=got["fpr_at_threshold"],
+                   auroc_drop=d_auroc, tpr_drop=d_tpr,
+                   spearman_validation=float(spearmanr(ref_val, got_val).statistic))
+        out["passed"] = bool(d_auroc <= tol.auroc_drop and d_tpr <= tol.tpr_drop)
+        out["summary"] = (f"AUROC {got['auroc']:.4f} vs FP32 {ref['auroc']:.4f}, TPR@thr {got['tpr_at_threshold']:.3f} "
+                          f"vs {ref['tpr_at_threshold']:.3f}")
+    else:
+        out.update(mode="clean-rank")
+        out["passed"] = bool(rho >= tol.min_spearman)
+        out["summary"] = f"Spearman {rho:.4f} on {len(ref_clean)} clean images (>= {tol.min_spearman})"
+    return out

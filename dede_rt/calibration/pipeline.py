@@ -1,0 +1,89 @@
+"""`dede-rt calibrate`: INT8/FP16 variants of a bundle, their quality gates and per-precision thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dede_rt.calibration.gate import GateTolerance, quality_gate
+from dede_rt.calibration.quantize import convert_fp16, quantize_int8
+from dede_rt.calibration.sets import split_calibration
+from dede_rt.engines.comparator import run_batched
+from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+from dede_rt.errors import UserError
+from dede_rt.export.bundle import deployment, read_manifest, update_deployment
+from dede_rt.models.encoders import sha256_file
+from dede_rt.thresholds import calibrate
+
+LOWER_PRECISIONS = ("int8", "fp16")
+MIN_HELDOUT = 100
+
+
+def _scores(path: Path, size: int, precision: str, images: np.ndarray) -> np.ndarray:
+    with OnnxRuntimeRunner(path, size, precision, providers=["CPUExecutionProvider"]) as runner:
+        return run_batched(runner, images, 128)
+
+
+def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None,
+                       triggered: np.ndarray | None = None, count: int = 256, seed: int = 0,
+                       precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
+                       tol: GateTolerance = GateTolerance(), warn=print) -> dict:
+    """Build each precision from ``BUNDLE/onnx/detector.onnx``, gate it against FP32 and record it in the manifest.
+
+    ``clean``: clean uint8 images (``labels``: their source/class, for stratified
+    selection); ``count`` of them calibrate INT8 ranges, the rest are the
+    held-out set for the gate and the re-calibrated thresholds. ``triggered``
+    (optional) makes the gate a labelled one: held-out clean = 0, triggered = 1.
+    """
+    bundle = Path(bundle)
+    unknown = set(precisions) - set(LOWER_PRECISIONS)
+    if unknown:
+        raise UserError(f"unknown precision(s) {sorted(unknown)}; calibrate makes {', '.join(LOWER_PRECISIONS)}")
+    manifest = read_manifest(bundle)
+    size = int(manifest["normalization"]["image_size"])
+    if clean.ndim != 4 or clean.shape[1:] != (size, size, 3):
+        raise UserError(f"calibration images must be [N, {size}, {size}, 3], got {list(clean.shape)}")
+    fp32_entry = deployment(bundle).get("precisions", {}).get("fp32")
+    if fp32_entry is None or not (bundle / fp32_entry["path"]).is_file():
+        from dede_rt.export import export_detector
+
+        export_detector(bundle, graphs=("detector",))
+        fp32_entry = deployment(bundle)["precisions"]["fp32"]
+    fp32_path = bundle / fp32_entry["path"]
+    calib_idx, held_idx = split_calibration(len(clean), count, seed, labels)
+    if len(held_idx) < MIN_HELDOUT:
+        warn(f"warning: only {len(held_idx)} held-out clean images for the gate and thresholds; "
+             f"give more than {count + MIN_HELDOUT} clean images")
+    held = clean[held_idx]
+    fprs = sorted(float(f) for f in manifest["thresholds"]["by_fpr"]) or [0.01]
+    default_fpr = float(manifest["thresholds"].get("default_fpr", fprs[0]))
+    key = f"{default_fpr:g}"
+    ref_clean = _scores(fp32_path, size, "fp32", held)
+    ref_thresholds = calibrate(ref_clean, tuple(fprs))
+    val_labels = ref_val = None
+    if triggered is not None and len(triggered):
+        val_labels = np.r_[np.zeros(len(held), int), np.ones(len(triggered), int)]
+        ref_val = np.r_[ref_clean, _scores(fp32_path, size, "fp32", triggered)]
+    update_deployment(bundle, "precisions", "fp32", {**fp32_entry, "thresholds_heldout": ref_thresholds})
+    results = {}
+    for precision in precisions:
+        out_path = bundle / "onnx" / f"detector_{precision}.onnx"
+        if precision == "int8":
+            conversion = quantize_int8(fp32_path, out_path, clean[calib_idx], method)
+            conversion["calibration_seed"] = seed
+            conversion["stratified"] = labels is not None
+        else:
+            conversion = convert_fp16(fp32_path, out_path)
+        got_clean = _scores(out_path, size, precision, held)
+        thresholds = calibrate(got_clean, tuple(fprs))
+        got_val = None
+        if val_labels is not None:
+            got_val = np.r_[got_clean, _scores(out_path, size, precision, triggered)]
+        gate = quality_gate(ref_clean, got_clean, ref_thresholds[key], thresholds[key], val_labels, ref_val, got_val, tol)
+        entry = {"path": f"onnx/{out_path.name}", "sha256": sha256_file(out_path), "conversion": conversion,
+                 "gate": gate, "thresholds": thresholds, "threshold_fpr": default_fpr,
+                 "heldout_images": int(len(held_idx))}
+        update_deployment(bundle, "precisions", precision, entry)
+        results[precision] = entry
+    return results

@@ -1,0 +1,146 @@
+"""Lower-precision variants of the fused detector graph: INT8 Q/DQ (static) and FP16.
+
+INT8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8
+activations and int8 weights (per-channel) on Conv/MatMul/Gemm only. That
+is the combination measured fastest on x86 CPUs (signed activations gave no
+speed-up); LayerNorm, Softmax, GELU and the score tail (squared error and its
+sum) stay float, and so does the decoder head, whose output *is* the
+reconstruction the score is computed from. Ranges come from clean images
+(MinMax by default; Percentile/Entropy selectable). The Q/DQ form is what
+TensorRT's strongly typed networks consume too.
+
+FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` (ships with
+onnxruntime, so no extra package) with float32 graph inputs/outputs kept, and
+the score reduction kept in float32 (a sum of ~3k squared errors overflows
+FP16's precision long before its range). ORT's CPU provider has few FP16
+kernels and inserts casts, so FP16 is for GPU execution providers / TensorRT;
+on CPU it is produced and gated but usually slower (the benchmark says how much).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dede_rt.errors import UserError
+
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+
+
+class ImageCalibrationReader:
+    """onnxruntime ``CalibrationDataReader`` over uint8 NHWC images, in fixed batches."""
+
+    def __init__(self, images: np.ndarray, input_name: str = "images", batch_size: int = 64) -> None:
+        self.images = images
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self._it: Iterator[dict] | None = None
+
+    def _batches(self) -> Iterator[dict]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield {self.input_name: np.ascontiguousarray(self.images[i : i + self.batch_size])}
+
+    def get_next(self) -> dict | None:
+        """The next calibration batch, or None when exhausted."""
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        """Start over (used by calibrators that take several passes)."""
+        self._it = None
+
+
+def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute the reconstruction head and the score, found from the graph output back.
+
+    Walks producers backwards from the ``scores`` output through element-wise /
+    reduction / reshape ops and stops at (and includes) the first MatMul/Gemm on
+    each path: that MatMul is the decoder head.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    passthrough = {"ReduceSum", "Pow", "Mul", "Sub", "Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                   "Slice", "Gather", "Cast", "Flatten", "Identity"}
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            found.append(node.name)
+            continue
+        if node.op_type in passthrough:
+            stack.extend(node.input)
+    return found
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
+                  method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
+                  batch_size: int = 64) -> dict:
+    """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+    if len(calibration_images) == 0:
+        raise UserError("no calibration images")
+    model = onnx.load(str(fp32_path))
+    input_name = model.graph.input[0].name
+    excluded: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Shape inference + ORT graph optimisation first, as onnxruntime recommends before quantize_static.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        if not quantize_head:
+            excluded = score_tail_nodes(onnx.load(str(pre)))
+        quantize_static(
+            str(pre), str(out_path), ImageCalibrationReader(calibration_images, input_name, batch_size),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            calibrate_method=methods[method], extra_options={"CalibTensorRangeSymmetric": False})
+    q = onnx.load(str(out_path))
+    ops = [n.op_type for n in q.graph.node]
+    return {"method": method, "per_channel": per_channel, "activations": "uint8", "weights": "int8",
+            "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded,
+            "calibration_images": int(len(calibration_images)),
+            "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops)}
+
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
+    """Write an FP16 model with float32 inputs/outputs and the score reduction kept in float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))
+    keep_float = [n.name for n in model.graph.node if n.op_type in ("ReduceSum", "Pow", "Sub")
+                  and _feeds_output(model, n)]
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_float)
+    onnx.save(half, str(out_path))
+    return {"converter": "onnxruntime.transformers.float16", "io": "float32/uint8 kept",
+            "float32_nodes": keep_float, "nodes": len(half.graph.node)}
+
+
+def _feeds_output(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is on the element-wise path into the graph output (the score tail)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    frontier, steps = list(node.output), 0
+    while frontier and steps < 8:
+        if outputs & set(frontier):
+            return True
+        frontier = [o for name in frontier for c in consumers.get(name, []) for o in c.output]
+        steps += 1
+    return False

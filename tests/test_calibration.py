@@ -1,0 +1,104 @@
+"""Calibration: stratified selection, INT8/FP16 variants, quality gates, per-precision thresholds, auto choice."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dede_rt.calibration.gate import GateTolerance, quality_gate
+from dede_rt.calibration.pipeline import calibrate_detector
+from dede_rt.calibration.sets import split_calibration
+from dede_rt.data.triggers import white_square
+from dede_rt.engines.registry import choose_runner, make_runner
+from dede_rt.export import export_detector
+from dede_rt.export.bundle import deployment
+
+
+def test_split_is_seeded_disjoint_and_stratified() -> None:
+    labels = np.r_[np.zeros(900, int), np.ones(90, int), np.full(10, 2)]
+    a, rest = split_calibration(1000, 100, seed=3, labels=labels)
+    b, _ = split_calibration(1000, 100, seed=3, labels=labels)
+    assert np.array_equal(a, b) and len(a) == 100
+    assert not set(a) & set(rest) and len(a) + len(rest) == 1000
+    counts = np.bincount(labels[a], minlength=3)
+    assert counts[0] == 90 and counts[1] == 9 and counts[2] == 1
+    c, _ = split_calibration(1000, 100, seed=4)
+    assert not np.array_equal(a, c)
+
+
+def test_gate_modes() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=500)
+    ok = quality_gate(ref, ref + rng.normal(scale=1e-3, size=500), 1.0, 1.0)
+    assert ok["mode"] == "clean-rank" and ok["passed"]
+    bad = quality_gate(ref, rng.normal(size=500), 1.0, 1.0)
+    assert not bad["passed"]
+    labels = np.r_[np.zeros(500, int), np.ones(100, int)]
+    val = np.r_[ref, ref[:100] + 3]
+    noisy = val + rng.normal(scale=2.0, size=600)
+    gate = quality_gate(ref, noisy[:500], 1.0, 1.0, labels, val, noisy)
+    assert gate["mode"] == "labelled" and not gate["passed"] and gate["auroc_drop"] > 0.01
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory, demo_images) -> tuple[Path, dict]:
+    """The tiny detector with INT8 + FP16 variants gated on held-out demo images and white-square triggered ones."""
+    bundle = tmp_path_factory.mktemp("calib") / "det"
+    shutil.copytree(tiny_detector_dir, bundle)
+    export_detector(bundle, exporter="torchscript", graphs=("detector",), verify=False)
+    rng = np.random.default_rng(0)
+    pool = rng.permutation(np.arange(256, len(demo_images)))
+    clean = demo_images.images[pool[:700]]
+    triggered = white_square().stamp(demo_images.images[pool[700:1000]])
+    results = calibrate_detector(bundle, clean, demo_images.labels[pool[:700]], triggered, count=200, seed=0,
+                                 warn=lambda _: None)
+    return bundle, results
+
+
+def test_int8_keeps_detection_quality(calibrated: tuple[Path, dict]) -> None:
+    bundle, results = calibrated
+    gate = results["int8"]["gate"]
+    assert gate["mode"] == "labelled"
+    assert gate["spearman_clean"] >= 0.99 and gate["spearman_validation"] >= 0.99, gate
+    assert abs(gate["auroc"] - gate["auroc_fp32"]) <= 0.01, gate
+    assert gate["passed"]
+    model = onnx.load(str(bundle / results["int8"]["path"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert results["int8"]["conversion"]["excluded_nodes"], "the decoder head must stay float"
+    assert results["int8"]["conversion"]["calibration_images"] == 200
+
+
+def test_thresholds_and_manifest(calibrated: tuple[Path, dict]) -> None:
+    bundle, results = calibrated
+    dep = deployment(bundle)
+    for precision in ("int8", "fp16"):
+        entry = dep["precisions"][precision]
+        assert (bundle / entry["path"]).is_file()
+        assert set(entry["thresholds"]) == set(dep["precisions"]["fp32"]["thresholds_heldout"])
+        assert entry["heldout_images"] == 500
+    assert results["fp16"]["gate"]["spearman_clean"] > 0.999
+
+
+def test_auto_uses_passing_precisions_only(calibrated: tuple[Path, dict], demo_images) -> None:
+    bundle, _ = calibrated
+    choice = choose_runner(bundle)
+    assert (choice.backend, choice.precision) == ("onnxruntime", "int8"), choice
+    with make_runner(bundle) as runner:
+        assert runner.infer(demo_images.images[:8]).shape == (8,)
+    # a strict tolerance fails every lower precision: auto falls back to FP32
+    calibrate_detector(bundle, demo_images.images[300:700], count=100, precisions=("int8",),
+                       tol=GateTolerance(min_spearman=1.01), warn=lambda _: None)
+    assert not deployment(bundle)["precisions"]["int8"]["gate"]["passed"]
+    assert choose_runner(bundle).precision == "fp32"
+
+
+def test_runner_carries_its_precision_thresholds(calibrated: tuple[Path, dict]) -> None:
+    bundle, results = calibrated
+    runner = make_runner(bundle, "onnxruntime", "fp16")
+    assert runner.thresholds == results["fp16"]["thresholds"]
+    assert make_runner(bundle, "torch").thresholds == deployment(bundle)["precisions"]["fp32"]["thresholds"]

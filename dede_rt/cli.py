@@ -105,6 +105,7 @@ def scan(
     batch_size: int = typer.Option(64, help="Images per inference batch."),
     workers: Optional[int] = typer.Option(None, help="Decode workers (default: half the CPU cores, 1-4; 0 = inline)."),
     pool: str = typer.Option("thread", help="Decode pool: thread (default) or process (very large JPEGs)."),
+    threads: int = typer.Option(0, help="Inference threads (0: the backend's default)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Rows to FILE.csv, .jsonl or .parquet "
                                           "(+ FILE.summary.json and FILE.hist.png). Without it, flagged inputs are printed."),
     resume: bool = typer.Option(False, help="Continue an interrupted scan into the same --output."),
@@ -129,7 +130,7 @@ def scan(
     summary = run_scan(source, detector, output, resume=resume, limit=limit, progress=not quiet,
                        on_batch=None if output else echo_flagged, log=log, backend=backend, precision=precision,
                        batch_size=batch_size, workers=workers, pool=pool, fpr=fpr, threshold=threshold,
-                       max_pixels=max_pixels)
+                       max_pixels=max_pixels, threads=threads)
     c, run = summary["counts"], summary["this_run"]
     where = f"; rows in {output}, summary in {summary['summary_json']}" if output else ""
     typer.echo(f"{c['inputs']} inputs: {c['flagged']} flagged, {c['scored'] - c['flagged']} clean, {c['errors']} errors "

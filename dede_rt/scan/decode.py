@@ -14,18 +14,21 @@ from __future__ import annotations
 import io
 import os
 import stat
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dede_rt.data.images import decode_image, resize_rgb
 from dede_rt.errors import UserError
 from dede_rt.scan.sources import Item
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (~89 Mpx), applied before decoding
+# Images over the limit become error rows (ImageTooLarge), so Pillow's warning about them is only noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_ERROR_CHARS = 300
 POOL_KINDS = ("thread", "process")
 
@@ -52,10 +55,17 @@ def decode_item(item: Item, size: int, max_pixels: int | None = DEFAULT_MAX_PIXE
         if image.shape[:2] == (size, size):
             return image
         return resize_rgb(Image.fromarray(image), size)  # the resize used for in-memory training sets
-    if item.data is not None:
-        return decode_image(io.BytesIO(item.data), size, max_pixels)
-    with _open_regular(item.path) as fh:
-        return decode_image(fh, size, max_pixels)
+    try:
+        if item.data is not None:
+            if not item.data:
+                raise ValueError("empty file")
+            return decode_image(io.BytesIO(item.data), size, max_pixels)
+        with _open_regular(item.path) as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ValueError("empty file")
+            return decode_image(fh, size, max_pixels)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("not an image in a format Pillow recognizes") from None
 
 
 def error_text(exc: BaseException) -> str:

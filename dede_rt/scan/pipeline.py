@@ -57,13 +57,13 @@ class ScanStats:
 
 
 def _make_runner(bundle: Path | None, detector: Detector, backend: str, precision: str | None,
-                 batch_size: int, device: str | None) -> BaseRunner:
+                 batch_size: int, device: str | None, threads: int) -> BaseRunner:
     try:
         from dede_rt.engines.registry import make_runner
     except ImportError:  # the engines registry is not installed in this build: the torch reference only
         make_runner = None
     if make_runner is not None and bundle is not None:
-        return make_runner(bundle, backend, precision, batch_size=batch_size, device=device)
+        return make_runner(bundle, backend, precision, batch_size=batch_size, device=device, threads=threads)
     if backend not in ("auto", "torch") or precision not in (None, "fp32"):
         raise UserError(f"backend {backend} / {precision} needs the engines registry; only torch fp32 is available")
     from dede_rt.engines.torch_runner import TorchRunner
@@ -90,7 +90,7 @@ class Scanner:
     def __init__(self, detector: str | Path | Detector, backend: str = "auto", precision: str | None = None,
                  threshold: float | None = None, fpr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  workers: int | None = None, pool: str = "thread", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 device: str | None = None) -> None:
+                 device: str | None = None, threads: int = 0) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if threshold is not None and fpr is not None:
@@ -110,7 +110,14 @@ class Scanner:
         self.workers = default_workers() if workers is None else workers
         self.pool_kind = pool
         self.max_pixels = max_pixels
-        self.runner = _make_runner(self.bundle, self.detector, backend, precision, batch_size, device)
+        if threads > 0:
+            # Inference threads (torch is process-wide). On a loaded machine fewer threads than cores can be
+            # much faster: OpenMP workers that lose their core stall every parallel region.
+            import torch
+
+            torch.set_num_threads(threads)
+        self.threads = threads
+        self.runner = _make_runner(self.bundle, self.detector, backend, precision, batch_size, device, threads)
         self.runner.activate()
         if self.runner.image_size and self.runner.image_size != self.size:
             raise UserError(f"runner input size {self.runner.image_size} != detector size {self.size}")
@@ -209,7 +216,8 @@ def scan(source: str | Path, detector: str | Path | Detector, *, limit: int | No
          **options: object) -> Iterator[ScanResult]:
     """Scan ``source`` (folder, path list, .npz, CIFAR batches, .tar shards) and yield one row per input, in order.
 
-    ``options``: backend, precision, threshold, fpr, batch_size, workers, pool, max_pixels, device (see ``Scanner``).
+    ``options``: backend, precision, threshold, fpr, batch_size, workers, pool, max_pixels, device, threads
+    (see ``Scanner``).
     """
     src = open_source(source)
     with Scanner(detector, **options) as scanner:  # type: ignore[arg-type]
@@ -259,7 +267,8 @@ def run_scan(source: str | Path, detector: str | Path, output: str | Path | None
                     "output": None if output is None else str(output), "threshold": scanner.threshold,
                     "target_fpr": scanner.target_fpr, "calibration_fpr": scanner.calibration_fpr,
                     "backend": scanner.backend, "precision": scanner.precision,
-                    "batch_size": scanner.batch_size, "workers": scanner.workers, "pool": scanner.pool_kind}
+                    "batch_size": scanner.batch_size, "workers": scanner.workers, "pool": scanner.pool_kind,
+                    "threads": scanner.threads, "runner": scanner.describe()}
             items = src.items()
             done = 0
             if writer is not None and resume:

@@ -141,6 +141,10 @@ class TarSource(Source):
                             handle = archive.extractfile(member)
                             data = handle.read() if handle else b""
                     except StopIteration:
+                        torn = _missing_end_marker(shard, archive)
+                        if torn and position >= start:
+                            yield Item(str(shard), "", error=torn)
+                        position += bool(torn)
                         break
                     except (OSError, EOFError, tarfile.TarError) as exc:  # a torn shard: one error row, next shard
                         if position >= start:
@@ -261,6 +265,18 @@ class SingleFileSource(Source):
 
     def count(self) -> int | None:
         return 1
+
+
+def _missing_end_marker(shard: Path, archive: tarfile.TarFile) -> str | None:
+    """tarfile ends a stream silently at a torn header; a plain .tar must end in a zero block there."""
+    if not shard.name.lower().endswith(".tar"):
+        return None  # compressed streams fail loudly (EOFError) when torn
+    with open(shard, "rb") as fh:
+        fh.seek(archive.offset)
+        block = fh.read(tarfile.BLOCKSIZE)
+    if block == b"\0" * tarfile.BLOCKSIZE:
+        return None
+    return f"truncated tar shard: no end-of-archive marker at byte {archive.offset}"
 
 
 def _wanted(member: tarfile.TarInfo) -> bool:

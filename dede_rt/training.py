@@ -10,6 +10,7 @@ whose state is checkpointed, so an interrupted run resumes bit-exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -219,6 +220,38 @@ class _EpochBar:
             self.progress.stop()
 
 
+MEMMAP_BYTES = 1 << 30  # embedding caches larger than this live in a memmap beside the checkpoints
+
+
+def cached_embeddings(encoder: VictimEncoder, normalization: Normalization, images_u8: np.ndarray, encoder_sha256: str,
+                      cache_dir: str | Path | None, progress: bool = True) -> np.ndarray:
+    """Embeddings of ``images_u8``, reused from ``cache_dir`` when the same encoder already embedded the same images.
+
+    Small sets stay in RAM (and are also saved when a cache dir is given, so a
+    resumed run skips the encoder); sets over ``MEMMAP_BYTES`` are written to a
+    memmap on disk instead of RAM.
+    """
+    if cache_dir is None:
+        return compute_embeddings(encoder, normalization, images_u8, progress=progress)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = {"encoder_sha256": encoder_sha256, "images": int(len(images_u8)), "l2": encoder.l2_normalize,
+           "normalization": normalization.to_dict(), "images_sha256": hashlib.sha256(images_u8.tobytes()).hexdigest()}
+    meta, path = cache_dir / "embeddings.json", cache_dir / "embeddings.npy"
+    key = json.loads(json.dumps(key))  # tuples -> lists, as read back
+    if meta.exists() and path.exists() and json.loads(meta.read_text()) == key:
+        return np.load(path, mmap_mode="r")
+    meta.unlink(missing_ok=True)
+    big = len(images_u8) * encoder.embed_dim * 4 > MEMMAP_BYTES
+    out = compute_embeddings(encoder, normalization, images_u8, cache_path=path if big else None, progress=progress)
+    if big:
+        out.flush()
+    else:
+        np.save(path, out)
+    meta.write_text(json.dumps(key))  # written last: a torn cache is never reused
+    return out
+
+
 def split_holdout(n: int, fraction: float, seed: int, minimum: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into (train, held-out) index arrays."""
     holdout = max(minimum, int(round(n * fraction)))
@@ -259,8 +292,12 @@ def train_detector(
                              **(decoder_config or {})})
     if checkpoint_dir is None and out is not None:
         checkpoint_dir = Path(out) / "checkpoints"
-    result = train_decoder(encoder, normalization, train_images, dconf, config, checkpoint_dir=checkpoint_dir,
-                           resume=resume, progress=progress)
+    t0 = time.perf_counter()
+    embeddings = cached_embeddings(encoder, normalization, train_images, info["sha256"], checkpoint_dir, progress)
+    embed_seconds = time.perf_counter() - t0
+    result = train_decoder(encoder, normalization, train_images, dconf, config, embeddings=embeddings,
+                           checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    result.embed_seconds = embed_seconds
     clean_scores = score_images(encoder, result.decoder, normalization, hold_images, progress=progress)
     detector = Detector(
         encoder, result.decoder, normalization, info, clean_scores, calibrate(clean_scores, fprs),

@@ -75,3 +75,28 @@ def test_wrong_embedding_dimension(setup):
     with pytest.raises(UserError, match="512-d"):
         train_decoder(enc, norm, imgs, DecoderConfig(embed_dim=512, dim=32, heads=2, encoder_depth=1, decoder_depth=1),
                       CONF, embeddings=np.zeros((96, 128), np.float32), progress=False)
+
+
+def test_embedding_cache_is_reused_only_for_the_same_inputs(setup, tmp_path, monkeypatch):
+    from dede_rt import training
+
+    enc, norm, imgs = setup
+    first = training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False)
+    calls = []
+    monkeypatch.setattr(training, "compute_embeddings", lambda *a, **k: calls.append(1) or first)
+    again = training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False)
+    np.testing.assert_array_equal(again, first)
+    assert calls == []  # reused
+    training.cached_embeddings(enc, norm, imgs[:50], "abc", tmp_path, progress=False)
+    training.cached_embeddings(enc, norm, imgs, "other-encoder", tmp_path, progress=False)
+    assert len(calls) == 2  # different images / encoder: recomputed
+
+
+def test_large_caches_go_to_a_memmap(setup, tmp_path, monkeypatch):
+    from dede_rt import training
+
+    enc, norm, imgs = setup
+    monkeypatch.setattr(training, "MEMMAP_BYTES", 1024)
+    out = training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False)
+    assert isinstance(out, np.memmap)
+    assert isinstance(training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False), np.memmap)

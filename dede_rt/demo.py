@@ -24,7 +24,7 @@ from PIL import Image
 from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune
 from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_dataset
-from dede_rt.data.sources import load_image_folder
+from dede_rt.data.sources import ImageSet, load_image_folder
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import white_square
 from dede_rt.metrics import detection_report
@@ -81,6 +81,14 @@ def build_demo_victim(images: np.ndarray, labels: np.ndarray, out: Path, setting
     return clean_path, victim_path
 
 
+def demo_splits(settings: DemoSettings, norm: Normalization) -> tuple[ImageSet, np.ndarray, np.ndarray, np.ndarray]:
+    """The demo data and its seeded (train, calibration, test) index split."""
+    data = demo_dataset(norm.image_size, settings.photo_count)
+    order = np.random.default_rng(0).permutation(len(data))
+    n_test, n_cal = settings.test_images, settings.calibration_images
+    return data, order[n_test + n_cal :], order[n_test : n_test + n_cal], order[:n_test]
+
+
 def write_scan_folder(folder: Path, clean: np.ndarray, triggered: np.ndarray) -> None:
     """PNG files under folder/clean and folder/triggered."""
     for sub, images in (("clean", clean), ("triggered", triggered)):
@@ -102,10 +110,8 @@ def run_demo(out: str | Path = "demo-output", fast: bool = False) -> dict:
     trigger = white_square(norm.image_size)
 
     _say("[1/4] demo data (scikit-learn digits + bundled photos)")
-    data = demo_dataset(norm.image_size, settings.photo_count)
-    order = np.random.default_rng(0).permutation(len(data))
-    n_test, n_cal = settings.test_images, settings.calibration_images
-    test_idx, cal_idx, train_idx = order[:n_test], order[n_test : n_test + n_cal], order[n_test + n_cal :]
+    data, train_idx, cal_idx, test_idx = demo_splits(settings, norm)
+    n_test, n_cal = len(test_idx), len(cal_idx)
     _say(f"  {len(train_idx)} training, {n_cal} calibration, {n_test} test images")
 
     _say("[2/4] victim: SimCLR encoder + BadEncoder backdoor (white 10x10 square -> digit 0)")

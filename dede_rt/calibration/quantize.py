@@ -34,15 +34,20 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 class ImageCalibrationReader:
     """onnxruntime ``CalibrationDataReader`` over uint8 NHWC images, in fixed batches."""
 
-    def __init__(self, images: np.ndarray, input_name: str = "images", batch_size: int = 64) -> None:
+    def __init__(self, images: np.ndarray, input_name: str = "images", batch_size: int = 64,
+                 float_nchw: bool = False) -> None:
         self.images = images
         self.input_name = input_name
         self.batch_size = batch_size
+        self.float_nchw = float_nchw  # feed [0, 1] float NCHW pixels (the ``detector_nchw`` graphs)
         self._it: Iterator[dict] | None = None
 
     def _batches(self) -> Iterator[dict]:
         for i in range(0, len(self.images), self.batch_size):
-            yield {self.input_name: np.ascontiguousarray(self.images[i : i + self.batch_size])}
+            batch = self.images[i : i + self.batch_size]
+            if self.float_nchw:
+                batch = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+            yield {self.input_name: np.ascontiguousarray(batch)}
 
     def get_next(self) -> dict | None:
         """The next calibration batch, or None when exhausted."""
@@ -84,8 +89,12 @@ def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
-                  batch_size: int = 64) -> dict:
-    """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description."""
+                  batch_size: int = 64, for_tensorrt: bool = False) -> dict:
+    """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
+
+    ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
+    activation Q/DQ TensorRT accepts; the default uint8 activations are ORT CPU's fastest.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -96,8 +105,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     if len(calibration_images) == 0:
         raise UserError("no calibration images")
     model = onnx.load(str(fp32_path))
-    input_name = model.graph.input[0].name
+    graph_input = model.graph.input[0]
+    input_name = graph_input.name
+    float_nchw = graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     excluded: list[str] = []
+    activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
+    extra = {"CalibTensorRangeSymmetric": for_tensorrt, "ActivationSymmetric": for_tensorrt,
+             "WeightSymmetric": True}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         # Shape inference + ORT graph optimisation first, as onnxruntime recommends before quantize_static.
@@ -105,13 +119,14 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         if not quantize_head:
             excluded = score_tail_nodes(onnx.load(str(pre)))
         quantize_static(
-            str(pre), str(out_path), ImageCalibrationReader(calibration_images, input_name, batch_size),
+            str(pre), str(out_path), ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-            calibrate_method=methods[method], extra_options={"CalibTensorRangeSymmetric": False})
+            activation_type=activation, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            calibrate_method=methods[method], extra_options=extra)
     q = onnx.load(str(out_path))
     ops = [n.op_type for n in q.graph.node]
-    return {"method": method, "per_channel": per_channel, "activations": "uint8", "weights": "int8",
+    return {"method": method, "per_channel": per_channel, "activations": "int8 symmetric" if for_tensorrt else "uint8",
+            "weights": "int8 symmetric", "target": "tensorrt" if for_tensorrt else "onnxruntime-cpu",
             "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded,
             "calibration_images": int(len(calibration_images)),
             "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops)}

@@ -1,0 +1,287 @@
+"""`dede-rt bench`: throughput and latency of every backend x precision x batch size, in trtexec's vocabulary.
+
+Baseline: torch eager FP32 at batch 256, written like the reference code (one
+``no_grad`` eager forward of encoder + decoder per batch, then the per-sample
+squared error). Variants are measured round-robin (every variant once per
+round, several rounds) so load changes on a shared machine hit all of them
+alike; each row aggregates its rounds. Reported per row: throughput (img/s),
+latency of one batch (min/mean/median/p90/p95/p99, ms), host walltime, GPU
+compute time where a backend measures it (TensorRT), and the score deltas
+against torch on the same images (max relative diff, Spearman).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dede_rt.errors import UserError
+
+BASELINE = ("torch", "fp32", 256)
+DEFAULT_BATCHES = (1, 32, 64, 256)
+DEFAULT_VARIANTS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "fp16"),
+                    ("tensorrt", "fp16"), ("tensorrt", "int8"))
+
+
+@dataclass
+class _Timing:
+    latencies: list[float] = field(default_factory=list)
+    images: int = 0
+    gpu: list[float] = field(default_factory=list)
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import onnxruntime as ort
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+    try:
+        info["load_average_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, calibration: np.ndarray | None = None,
+                       decoder: dict | None = None) -> Path:
+    """A detector bundle with random-init weights (speed only): CIFAR ``arch`` victim + reference 12/4-block decoder."""
+    import torch
+
+    from dede_rt.data.demo import demo_dataset
+    from dede_rt.data.transforms import Normalization
+    from dede_rt.detector import Detector
+    from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
+    from dede_rt.models.encoders import load_encoder, save_badencoder_checkpoint
+    from dede_rt.models.resnet import build_resnet
+    from dede_rt.thresholds import calibrate
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    save_badencoder_checkpoint(build_resnet(arch).eval(), out / "encoder.pth")
+    encoder, info = load_encoder(out / "encoder.pth", "badencoder", 32)
+    dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], **(decoder or {})))
+    norm = Normalization()
+    images = calibration if calibration is not None else demo_dataset(photo_count=200, seed=seed).images[:512]
+    det = Detector(encoder, dec, norm, info, np.zeros(0, np.float32))
+    det.calibration_scores = det.score(images)
+    det.thresholds = calibrate(det.calibration_scores)
+    det.extra = {"default_fpr": 0.01, "bench": {"weights": "random init (speed benchmark only)", "arch": arch,
+                                                "decoder": dec.config.to_dict()}}
+    det.save(out, embed_encoder=True)
+    return out
+
+
+def _measure(runner, images: np.ndarray, batch: int, seconds: float, timing: _Timing, min_iters: int = 2) -> None:
+    """Run ``runner`` on consecutive batches for about ``seconds`` (after one warm-up batch)."""
+    n = len(images)
+    runner.infer(images[:batch])  # warm-up: allocator, thread pool, lazy kernels
+    start, i = time.perf_counter(), 0
+    while i < min_iters or time.perf_counter() - start < seconds:
+        lo = (i * batch) % max(n - batch + 1, 1)
+        t0 = time.perf_counter()
+        runner.infer(images[lo : lo + batch])
+        timing.latencies.append(time.perf_counter() - t0)
+        gpu = getattr(runner, "last_gpu_time", None)
+        if gpu is not None:
+            timing.gpu.append(gpu)
+        timing.images += batch
+        i += 1
+
+
+def _row(backend: str, precision: str, batch: int, t: _Timing, device: str) -> dict:
+    lat = np.asarray(t.latencies) * 1e3
+    wall = float(np.sum(t.latencies))
+    row = {"backend": backend, "precision": precision, "batch": batch, "device": device,
+           "throughput": t.images / wall, "latency_min_ms": float(lat.min()), "latency_mean_ms": float(lat.mean()),
+           "latency_median_ms": float(np.median(lat)), "latency_p90_ms": float(np.percentile(lat, 90)),
+           "latency_p95_ms": float(np.percentile(lat, 95)), "latency_p99_ms": float(np.percentile(lat, 99)),
+           "host_walltime_s": wall, "iterations": len(lat), "images": t.images,
+           "gpu_compute_mean_ms": float(np.mean(t.gpu) * 1e3) if t.gpu else None}
+    return row
+
+
+def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ...] = DEFAULT_BATCHES,
+                  variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
+                  threads: int = 0, record: bool = True, log=print) -> dict:
+    """Benchmark every available variant of ``bundle`` on ``images``; returns {"rows", "skipped", "machine", ...}."""
+    from scipy.stats import spearmanr
+
+    from dede_rt.engines.registry import device_kind, make_runner
+    from dede_rt.export.bundle import deployment, update_deployment
+
+    bundle = Path(bundle)
+    if len(images) < max(batches):
+        reps = -(-max(batches) // len(images))
+        images = np.concatenate([images] * reps)
+    runners, skipped = {}, {}
+    for backend, precision in variants:
+        try:
+            runner = make_runner(bundle, backend, precision, batch_size=max(batches), threads=threads)
+            runner.activate()
+            runners[(backend, precision)] = runner
+        except UserError as exc:
+            skipped[f"{backend}:{precision}"] = str(exc)
+            log(f"skip {backend} {precision}: {exc}")
+    if ("torch", "fp32") not in runners:
+        raise UserError("the torch fp32 baseline could not be loaded")
+    # Score agreement with torch on the same images (first 512), before timing.
+    probe = images[:512]
+    ref = np.concatenate([runners[("torch", "fp32")].infer(probe[i : i + 256]) for i in range(0, len(probe), 256)])
+    agreement = {}
+    for key, runner in runners.items():
+        got = np.concatenate([runner.infer(probe[i : i + 256]) for i in range(0, len(probe), 256)])
+        rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12)
+        agreement[key] = {"max_rel_diff_vs_torch": float(rel.max()),
+                          "spearman_vs_torch": float(spearmanr(ref, got).statistic)}
+    timings = {(k, b): _Timing() for k in runners for b in batches}
+    started = time.perf_counter()
+    for r in range(rounds):
+        for key, runner in runners.items():
+            for batch in batches:
+                _measure(runner, images, batch, seconds, timings[(key, batch)])
+        log(f"round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
+    kind = device_kind()
+    rows = []
+    gates = deployment(bundle).get("precisions", {})
+    for (key, batch), t in timings.items():
+        row = _row(*key, batch, t, runners[key].choice.device)
+        row.update(agreement[key])
+        gate = gates.get(key[1], {}).get("gate") if key[0] == "onnxruntime" else None
+        if gate and not gate.get("reference"):
+            row["quality_gate"] = {k: gate[k] for k in ("passed", "mode", "spearman_clean", "auroc_drop", "tpr_drop")
+                                   if k in gate}
+        rows.append(row)
+    for runner in runners.values():
+        runner.deactivate()
+    base = next((r for r in rows if (r["backend"], r["precision"], r["batch"]) == BASELINE), None)
+    if base is None:
+        base = max((r for r in rows if r["backend"] == "torch"), key=lambda r: r["batch"])
+    for row in rows:
+        row["speedup_vs_baseline"] = row["throughput"] / base["throughput"]
+    best: dict[str, dict] = {}
+    for row in rows:
+        k = f"{row['backend']}:{row['precision']}"
+        if k not in best or row["throughput"] > best[k]["throughput"]:
+            best[k] = {"throughput": row["throughput"], "batch": row["batch"], "device": kind,
+                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if record:
+        update_deployment(bundle, "benchmarks", None, best)
+    info = machine()
+    try:
+        info["load_average_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return {"baseline": {"backend": base["backend"], "precision": base["precision"], "batch": base["batch"],
+                         "throughput": base["throughput"], "style": "reference: eager no_grad forward per batch"},
+            "rows": rows, "skipped": skipped, "machine": info, "rounds": rounds, "seconds_per_measurement": seconds,
+            "images": int(len(images)), "bundle": str(bundle), "best": best}
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table (throughput, speed-up, latency percentiles, agreement)."""
+    head = ("| backend | precision | batch | img/s | x baseline | mean ms | median ms | p90 ms | p95 ms | p99 ms "
+            "| Spearman vs torch | max rel diff |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in sorted(result["rows"], key=lambda r: (r["backend"], r["precision"], r["batch"])):
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['throughput']:.1f} | "
+                     f"{r['speedup_vs_baseline']:.2f} | {r['latency_mean_ms']:.2f} | {r['latency_median_ms']:.2f} | "
+                     f"{r['latency_p90_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
+                     f"{r['spearman_vs_torch']:.5f} | {r['max_rel_diff_vs_torch']:.2e} |")
+    b = result["baseline"]
+    lines.append(f"\nBaseline: {b['backend']} {b['precision']} batch {b['batch']} = {b['throughput']:.1f} img/s "
+                 f"({b['style']}). Machine: {result['machine'].get('cpu')}, {result['machine'].get('cpu_count')} CPUs, "
+                 f"load average at start {result['machine'].get('load_average_start')}.")
+    for k, why in result["skipped"].items():
+        lines.append(f"- not measured: {k}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: str | Path) -> Path:
+    """PNG bar chart: throughput per variant, one bar group per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    variants = sorted({(r["backend"], r["precision"]) for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(batches), 4))
+    for i, v in enumerate(variants):
+        ys = [next((r["throughput"] for r in rows if (r["backend"], r["precision"], r["batch"]) == (*v, b)), 0.0)
+              for b in batches]
+        ax.bar(np.arange(len(batches)) + i * width - 0.4 + width / 2, ys, width, label=f"{v[0]} {v[1]}")
+    ax.axhline(result["baseline"]["throughput"], color="k", lw=0.8, ls="--", label="baseline (torch eager b256)")
+    ax.set_xticks(np.arange(len(batches)), [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("throughput (images/s)")
+    ax.set_title("dede-rt scoring throughput")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_reports(result: dict, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
+                  plot_path: str | Path | None = None) -> None:
+    """Write the JSON rows, the Markdown table and the bar chart where asked."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown_table(result))
+    if plot_path:
+        bar_chart(result, plot_path)
+
+
+def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.ndarray | None = None,
+                   precisions: tuple[str, ...] = ("int8", "fp16"), log=print) -> Path:
+    """The bundle to benchmark, with its ONNX export and calibrated variants (built once, then reused).
+
+    ``bundle=None`` builds the reference-shaped speed bundle (random-init ResNet18 +
+    12/4-block decoder) under ``workdir``.
+    """
+    from dede_rt.calibration.pipeline import calibrate_detector
+    from dede_rt.data.demo import demo_dataset
+    from dede_rt.export.bundle import deployment
+
+    if clean is None:
+        clean = demo_dataset(photo_count=400).images
+    if bundle is None:
+        bundle = Path(workdir) / "bench-resnet18-ref-decoder"
+        if not (bundle / "manifest.json").is_file():
+            log(f"building the speed bundle (random-init resnet18 + reference decoder) in {bundle}")
+            build_bench_bundle(bundle, calibration=clean[:512])
+    bundle = Path(bundle)
+    dep = deployment(bundle)
+    if "fp32" not in dep.get("precisions", {}):
+        from dede_rt.export import export_detector
+
+        log("exporting ONNX")
+        export_detector(bundle, graphs=("detector",))
+    missing = tuple(p for p in precisions if p not in deployment(bundle).get("precisions", {}))
+    if missing:
+        log(f"calibrating {', '.join(missing)}")
+        calibrate_detector(bundle, clean, precisions=missing, warn=log)
+    return bundle

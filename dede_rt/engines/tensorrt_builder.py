@@ -1,0 +1,182 @@
+"""`dede-rt build-engine`: TensorRT engines from the bundle's exported ONNX, with a JSON manifest.
+
+Precision comes from the graph, as TensorRT's strongly typed networks expect
+(TensorRT 11 removed implicit INT8 calibrators and the FP16/INT8 builder flags):
+- ``fp32``: ``detector_nchw.onnx``;
+- ``fp16``: that graph converted to FP16 (score reduction kept FP32);
+- ``int8``: that graph with explicit Q/DQ nodes from ``quantize_static`` on
+  clean images — *signed symmetric* int8 activations and weights, which is what
+  TensorRT's Q/DQ support accepts (ORT's CPU-fastest uint8 activations are not);
+- ``best``: the int8 graph; on TensorRT 10.x built weakly typed with the FP16
+  and INT8 flags (``trtexec --best``), on 11+ strongly typed.
+The engine input is float NCHW [0, 1] (see ``tensorrt_runner``), with one
+optimization profile over the batch size (min/opt/max). A timing cache in the
+bundle (``trt/timing.cache``) is reused across builds. The engine is tied to
+the GPU and TensorRT version it was built with; its manifest records both and
+the runner refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dede_rt.engines.tensorrt_runner import INSTALL_HINT, gpu_identity, tensorrt_status
+from dede_rt.errors import UserError
+from dede_rt.export.bundle import deployment, read_manifest, update_deployment
+from dede_rt.models.encoders import sha256_file
+
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "best")
+TRT_DIR = "trt"
+
+
+def require_tensorrt() -> None:
+    """Raise a one-line UserError (exit status 2 in the CLI) when TensorRT or a GPU is missing."""
+    ok, why = tensorrt_status()
+    if not ok:
+        raise UserError(why)
+
+
+def _nchw_graph(bundle: Path) -> Path:
+    graphs = deployment(bundle).get("onnx", {}).get("graphs", {})
+    if "detector_nchw" not in graphs or not (bundle / graphs["detector_nchw"]["path"]).is_file():
+        from dede_rt.export import export_detector
+
+        export_detector(bundle, graphs=("detector_nchw",))
+        graphs = deployment(bundle)["onnx"]["graphs"]
+    return bundle / graphs["detector_nchw"]["path"]
+
+
+def source_graph(bundle: str | Path, precision: str, clean: np.ndarray | None = None, seed: int = 0,
+                 count: int = 256) -> Path:
+    """The ONNX graph a ``precision`` engine is built from (made on first use)."""
+    from dede_rt.calibration.quantize import convert_fp16, quantize_int8
+    from dede_rt.calibration.sets import split_calibration
+
+    bundle = Path(bundle)
+    base = _nchw_graph(bundle)
+    if precision == "fp32":
+        return base
+    if precision == "fp16":
+        out = base.with_name("detector_nchw_fp16.onnx")
+        if not out.is_file():
+            convert_fp16(base, out)
+        return out
+    out = base.with_name("detector_nchw_int8_trt.onnx")
+    if not out.is_file():
+        if clean is None:
+            raise UserError("an int8 engine needs clean calibration images: pass --data")
+        idx, _ = split_calibration(len(clean), count, seed)
+        quantize_int8(base, out, clean[idx], for_tensorrt=True)
+    return out
+
+
+def format_parser_errors(parser) -> str:
+    """Every ONNX parser error on its own line: node, operator, code, description."""
+    lines = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        node = getattr(err, "node_name", lambda: "")() or f"#{err.node()}"
+        op = getattr(err, "node_operator", lambda: "")()
+        lines.append(f"  node {node} ({op or '?'}): {err.code()}: {err.desc()}")
+    return "\n".join(lines)
+
+
+def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray | None = None,
+                 min_batch: int = 1, opt_batch: int = 64, max_batch: int = 256, workspace_gib: float = 4.0,
+                 log=print) -> dict:
+    """Build, serialize and record a TensorRT engine for ``bundle``; returns its manifest."""
+    if precision not in ENGINE_PRECISIONS:
+        raise UserError(f"unknown engine precision {precision!r}; choose one of {', '.join(ENGINE_PRECISIONS)}")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise UserError(f"need 1 <= min <= opt <= max batch, got {min_batch}/{opt_batch}/{max_batch}")
+    require_tensorrt()
+    import tensorrt as trt
+
+    bundle = Path(bundle)
+    size = int(read_manifest(bundle)["normalization"]["image_size"])
+    major = int(trt.__version__.split(".")[0])
+    graph = source_graph(bundle, "int8" if precision == "best" else precision, clean)
+    weakly_typed_best = precision == "best" and major < 11
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0 if weakly_typed_best else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        raise UserError(f"{graph}: TensorRT {trt.__version__} cannot parse this ONNX graph:\n"
+                        f"{format_parser_errors(parser)}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if weakly_typed_best:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.INT8)
+    input_name = network.get_input(0).name
+    profile = builder.create_optimization_profile()
+    shape = (3, size, size)
+    profile.set_shape(input_name, (min_batch, *shape), (opt_batch, *shape), (max_batch, *shape))
+    config.add_optimization_profile(profile)
+    out_dir = bundle / TRT_DIR
+    out_dir.mkdir(exist_ok=True)
+    cache_path = out_dir / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building a {precision} TensorRT engine from {graph.name} (batch {min_batch}/{opt_batch}/{max_batch})")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise UserError(f"TensorRT {trt.__version__} failed to build the {precision} engine from {graph.name} "
+                        "(see the TensorRT log above)")
+    cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    engine_path = out_dir / f"detector_{precision}.engine"
+    engine_path.write_bytes(memoryview(serialized))
+    manifest = {**gpu_identity(), "precision": precision, "strongly_typed": not weakly_typed_best,
+                "source_onnx": str(graph.relative_to(bundle)), "source_onnx_sha256": sha256_file(graph),
+                "engine_sha256": sha256_file(engine_path), "input": {"name": input_name, "dtype": "float32",
+                                                                     "layout": "NCHW, pixels in [0, 1]",
+                                                                     "shape": [-1, *shape]},
+                "output": {"name": network.get_output(0).name, "shape": [-1]},
+                "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+                "build_seconds": round(seconds, 1), "timing_cache": str(cache_path.relative_to(bundle)),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(str(engine_path) + ".json").write_text(json.dumps(manifest, indent=2) + "\n")
+    entry = {"path": str(engine_path.relative_to(bundle)), "manifest": manifest}
+    if clean is not None and len(clean) > 1:
+        entry.update(gate_engine(bundle, engine_path, size, precision, clean))
+    else:
+        entry["gate"] = {"passed": precision == "fp32", "mode": "not run",
+                         "summary": "no clean images given (--data); auto will not use a non-fp32 engine"}
+    update_deployment(bundle, "tensorrt", precision, entry)
+    return entry
+
+
+def gate_engine(bundle: Path, engine_path: Path, size: int, precision: str, clean: np.ndarray) -> dict:
+    """Clean-rank gate of an engine against ONNX Runtime FP32, plus its re-calibrated thresholds."""
+    from dede_rt.calibration.gate import quality_gate
+    from dede_rt.engines.comparator import run_batched
+    from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+    from dede_rt.engines.tensorrt_runner import TensorRTRunner
+    from dede_rt.thresholds import calibrate
+
+    manifest = read_manifest(bundle)
+    fprs = tuple(sorted(float(f) for f in manifest["thresholds"]["by_fpr"])) or (0.01,)
+    key = f"{float(manifest['thresholds'].get('default_fpr', fprs[0])):g}"
+    fp32 = deployment(bundle).get("precisions", {}).get("fp32")
+    if fp32 is None or not (bundle / fp32["path"]).is_file():
+        from dede_rt.export import export_detector
+
+        export_detector(bundle, graphs=("detector",))
+        fp32 = deployment(bundle)["precisions"]["fp32"]
+    with OnnxRuntimeRunner(bundle / fp32["path"], size, providers=["CPUExecutionProvider"]) as ref_runner:
+        ref = run_batched(ref_runner, clean, 128)
+    with TensorRTRunner(engine_path, size, precision) as runner:
+        got = run_batched(runner, clean, 128)
+    ref_t, got_t = calibrate(ref, fprs), calibrate(got, fprs)
+    return {"gate": quality_gate(ref, got, ref_t[key], got_t[key]), "thresholds": got_t}
+
+
+__all__ = ["build_engine", "require_tensorrt", "ENGINE_PRECISIONS", "INSTALL_HINT"]

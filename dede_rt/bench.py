@@ -285,3 +285,25 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
         log(f"calibrating {', '.join(missing)}")
         calibrate_detector(bundle, clean, precisions=missing, warn=log)
     return bundle
+
+
+def bench_command(bundle: str | Path | None, workdir: str | Path, batches: tuple[int, ...] = DEFAULT_BATCHES,
+                  variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
+                  threads: int = 0, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
+                  plot_path: str | Path | None = None, log=print) -> dict:
+    """Prepare the bundle (export + calibrate once), benchmark it and write the reports."""
+    from dede_rt.data.demo import demo_dataset
+
+    images = demo_dataset(photo_count=400).images
+    if bundle is not None:
+        from dede_rt.data.sources import ImageSet, resize_set
+        from dede_rt.export.bundle import read_manifest
+
+        size = int(read_manifest(bundle)["normalization"]["image_size"])
+        if size != images.shape[1]:
+            images = resize_set(ImageSet(images), size).images
+    path = prepare_bundle(bundle, workdir, images, tuple(p for b, p in variants if b == "onnxruntime" and p != "fp32"),
+                          log=log)
+    result = run_benchmark(path, images, batches, variants, seconds, rounds, threads, log=log)
+    write_reports(result, json_path, markdown_path, plot_path)
+    return result

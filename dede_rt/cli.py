@@ -93,6 +93,97 @@ def demo(
 # --- commands added by later issues register below this line ---
 
 
+def _csv(text: str, cast=str) -> tuple:
+    try:
+        return tuple(cast(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"expected a comma-separated list, got {text!r}") from None
+
+
+@app.command("export")
+def export_cmd(
+    detector: Path = typer.Argument(..., help="Detector bundle directory."),
+    exporter: str = typer.Option("auto", help="auto (dynamo, falling back to TorchScript) | dynamo | torchscript"),
+    encoder: Optional[Path] = typer.Option(None, help="The encoder file, if it moved since training."),
+) -> None:
+    """Export the detector to ONNX: fused uint8 and float-NCHW graphs plus encoder/decoder, into DETECTOR/onnx/."""
+    from dede_rt.export import export_detector
+
+    record = export_detector(detector, exporter, encoder)
+    for name, g in record["graphs"].items():
+        typer.echo(f"{g['path']}: {g['exporter']}, opset {g['opset']}, {g['nodes']} nodes")
+    p = record["parity"]
+    typer.echo(f"fused graph vs torch on {p['images']} images: max relative difference {p['max_rel_diff']:.2e}")
+
+
+@app.command()
+def calibrate(
+    detector: Path = typer.Argument(..., help="Detector bundle directory."),
+    data: Path = typer.Option(..., help="Clean images (folder, CIFAR batches, .npz) for INT8 ranges, gates and thresholds."),
+    triggered: Optional[Path] = typer.Option(None, help="Triggered images: makes the quality gate an AUROC/TPR one."),
+    count: int = typer.Option(256, help="Clean images used for INT8 calibration (the rest gate and re-threshold)."),
+    precision: str = typer.Option("int8,fp16", help="Precisions to build: int8, fp16."),
+    method: str = typer.Option("minmax", help="INT8 range calibration: minmax | percentile | entropy."),
+    max_images: Optional[int] = typer.Option(5000, help="Use at most this many images of each set (seeded)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-calibrate thresholds."""
+    from dede_rt.calibration.pipeline import calibrate_paths
+
+    results = calibrate_paths(detector, data, triggered, count, seed, _csv(precision), method, max_images,
+                              warn=lambda m: typer.echo(m, err=True))
+    for name, entry in results.items():
+        gate, fpr = entry["gate"], entry["threshold_fpr"]
+        threshold = entry["thresholds"].get(f"{fpr:g}", float("nan"))
+        typer.echo(f"{name}: {'PASSED' if gate['passed'] else 'FAILED'} quality gate ({gate['summary']}); "
+                   f"threshold {threshold:.6g} at FPR {fpr:g}; {entry['path']}")
+
+
+@app.command("build-engine")
+def build_engine_cmd(
+    detector: Path = typer.Argument(..., help="Detector bundle directory."),
+    precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | best"),
+    data: Optional[Path] = typer.Option(None, help="Clean images: INT8 calibration and the engine's quality gate."),
+    min_batch: int = typer.Option(1), opt_batch: int = typer.Option(64), max_batch: int = typer.Option(256),
+    workspace_gib: float = typer.Option(4.0, help="Builder workspace limit."),
+) -> None:
+    """Build a TensorRT engine (needs TensorRT >= 10 and an NVIDIA GPU) into DETECTOR/trt/."""
+    from dede_rt.engines.tensorrt_builder import build_engine_paths
+
+    entry = build_engine_paths(detector, precision, data, min_batch, opt_batch, max_batch, workspace_gib,
+                               log=lambda m: typer.echo(m, err=True))
+    m = entry["manifest"]
+    typer.echo(f"{entry['path']}: TensorRT {m['tensorrt']} on {m['gpu']} (sm {m['compute_capability']}), "
+               f"{m['precision']}, batch {m['profile']['min']}-{m['profile']['max']}, built in {m['build_seconds']} s; "
+               f"gate: {entry['gate']['summary']}")
+
+
+@app.command()
+def bench(
+    detector: Optional[Path] = typer.Argument(None, help="Detector bundle (default: a random-init ResNet18 + "
+                                              "reference 12/4-block decoder speed bundle, built once in --workdir)."),
+    batch_sizes: str = typer.Option("1,32,64,256", help="Batch sizes."),
+    backends: str = typer.Option("torch:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp16,tensorrt:fp16,tensorrt:int8",
+                                 help="backend:precision variants (unavailable ones are listed as skipped)."),
+    seconds: float = typer.Option(1.0, help="Seconds per measurement per round."),
+    rounds: int = typer.Option(3, help="Round-robin rounds (all variants once per round)."),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: default)."),
+    workdir: Path = typer.Option(Path(".dede-rt-bench"), help="Where the default speed bundle lives."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows (backend, precision, batch, throughput, latency_*) as JSON."),
+    markdown: Optional[Path] = typer.Option(None, help="Write the Markdown table."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart."),
+) -> None:
+    """Throughput/latency of torch, ONNX Runtime (FP32/INT8/FP16) and TensorRT across batch sizes (trtexec terms)."""
+    from dede_rt.bench import bench_command, markdown_table
+
+    variants = tuple(tuple(v.split(":", 1)) for v in _csv(backends))
+    if any(len(v) != 2 for v in variants):
+        raise UserError(f"--backends takes backend:precision pairs, got {backends!r}")
+    result = bench_command(detector, workdir, _csv(batch_sizes, int), variants, seconds, rounds, threads,
+                           json_out, markdown, plot, log=lambda m: typer.echo(m, err=True))
+    typer.echo(markdown_table(result))
+
+
 @app.command(epilog="Exit status: 0 scan finished and nothing flagged; 1 scan finished and at least one image "
              "flagged; 2 usage or setup error (bad option, missing detector, unreadable source). Broken images "
              "never stop a scan: each gets a row with its error.")

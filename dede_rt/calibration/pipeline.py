@@ -87,3 +87,15 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
         update_deployment(bundle, "precisions", precision, entry)
         results[precision] = entry
     return results
+
+
+def calibrate_paths(bundle: str | Path, data: str | Path, triggered: str | Path | None = None, count: int = 256,
+                    seed: int = 0, precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
+                    max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print) -> dict:
+    """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
+    from dede_rt.calibration.sets import load_clean_images
+
+    size = int(read_manifest(bundle)["normalization"]["image_size"])
+    clean = load_clean_images(data, size, max_images, seed)
+    trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
+    return calibrate_detector(bundle, clean.images, clean.labels, trig, count, seed, precisions, method, tol, warn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from dede_rt.errors import UserError
@@ -36,3 +38,13 @@ def split_calibration(n_images: int, count: int, seed: int = 0,
     chosen = np.concatenate([g[:k] for g, k in zip(groups, share)])
     rest = np.setdiff1d(np.arange(n_images), chosen)
     return np.sort(chosen), rest
+
+
+def load_clean_images(path: str | Path, image_size: int, max_images: int | None = None, seed: int = 0):
+    """Read clean images (any source ``load_images`` understands) at ``image_size``; seeded subsample to ``max_images``."""
+    from dede_rt.data.sources import load_images
+
+    data = load_images(path, image_size)
+    if max_images is not None and len(data) > max_images:
+        data = data.subset(np.sort(np.random.default_rng(seed).choice(len(data), max_images, replace=False)))
+    return data

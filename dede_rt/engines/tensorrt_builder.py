@@ -179,4 +179,18 @@ def gate_engine(bundle: Path, engine_path: Path, size: int, precision: str, clea
     return {"gate": quality_gate(ref, got, ref_t[key], got_t[key]), "thresholds": got_t}
 
 
-__all__ = ["build_engine", "require_tensorrt", "ENGINE_PRECISIONS", "INSTALL_HINT"]
+
+
+
+def build_engine_paths(bundle: str | Path, precision: str = "fp16", data: str | Path | None = None,
+                       min_batch: int = 1, opt_batch: int = 64, max_batch: int = 256, workspace_gib: float = 4.0,
+                       max_images: int = 2000, log=print) -> dict:
+    """``build_engine`` with clean images read from ``data`` (checks TensorRT first, before reading anything)."""
+    require_tensorrt()
+    clean = None
+    if data is not None:
+        from dede_rt.calibration.sets import load_clean_images
+
+        size = int(read_manifest(bundle)["normalization"]["image_size"])
+        clean = load_clean_images(data, size, max_images).images
+    return build_engine(bundle, precision, clean, min_batch, opt_batch, max_batch, workspace_gib, log)

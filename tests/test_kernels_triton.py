@@ -62,11 +62,12 @@ def _dev(*tensors):
     return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
-CASES = [(1, 32, 4), (3, 32, 4), (5, 32, 8), (2, 32, 16), (2, 32, 32), (1, 224, 16), (1, 224, 32)]
+# (batch, image size, patch, mask): 224 px only with a mask, to keep the interpreter's time down.
+CASES = [(n, s, p, m) for n, s, p in [(1, 32, 4), (3, 32, 4), (5, 32, 8), (2, 32, 16), (2, 32, 32)]
+         for m in ("none", "random")] + [(1, 224, 16, "random"), (1, 224, 32, "random")]
 
 
-@pytest.mark.parametrize("n,size,patch", CASES)
-@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("n,size,patch,mask_kind", CASES)
 def test_mask_and_score_kernel(n, size, patch, mask_kind):
     images, recon, *_ = _inputs(n, size, patch)
     mask = _masks(mask_kind, n, recon.shape[1])
@@ -74,8 +75,7 @@ def test_mask_and_score_kernel(n, size, patch, mask_kind):
     _close(expected, tk.mask_and_score(*_dev(images, recon, mask), MEAN, STD, patch))
 
 
-@pytest.mark.parametrize("n,size,patch", CASES)
-@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("n,size,patch,mask_kind", CASES)
 def test_head_kernel(n, size, patch, mask_kind):
     images, _, hidden, weight, bias = _inputs(n, size, patch)
     mask = _masks(mask_kind, n, hidden.shape[1])
@@ -141,3 +141,18 @@ def test_triton_scores_match_detector(tiny_detector_dir, demo_images):
     with TorchRunner(tiny_detector_dir, device=DEVICE, score_kernel="triton") as runner:
         got = runner.infer(batch)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_every_autotune_config_is_correct():
+    """On GPU the autotuner may pick any of these; each must give the reference scores."""
+    images, recon, hidden, weight, bias = _inputs(2, 32, 4, dim=48, seed=4)
+    mask = _masks("random", 2, 64)
+    expected = ref.mask_and_score(images, recon, mask, MEAN, STD, 4)
+    expected_head = ref.mask_and_score_head(images, hidden, weight, bias, mask, MEAN, STD, 4)
+    for cfg in tk._SCORE_CONFIGS:
+        config = {**cfg.kwargs, "num_warps": cfg.num_warps}
+        _close(expected, tk.mask_and_score(*_dev(images, recon, mask), MEAN, STD, 4, config=config))
+    for cfg in tk._HEAD_CONFIGS:
+        config = {**cfg.kwargs, "num_warps": cfg.num_warps}
+        _close(expected_head, tk.mask_and_score_head(*_dev(images, hidden, weight, bias, mask), MEAN, STD, 4,
+                                                     config=config))

@@ -93,6 +93,53 @@ def demo(
 # --- commands added by later issues register below this line ---
 
 
+@app.command("eval")
+def eval_command(
+    out: Path = typer.Option(..., help="Directory for results.md/json, PNGs (and built victims unless --victims-dir)."),
+    victims_dir: Optional[Path] = typer.Option(None, help="Where victims are built or reused (cached by settings)."),
+    victim: list[str] = typer.Option(["badencoder:white_square", "badencoder:blend", "drupe:white_square",
+                                      "drupe:blend", "ctrl:ctrl"], help="ATTACK:TRIGGER (repeatable); attacks "
+                                     "badencoder|drupe|ctrl, triggers white_square|blend|ctrl."),
+    simclr_epochs: int = typer.Option(30), finetune_epochs: int = typer.Option(20),
+    ctrl_rate: float = typer.Option(0.01, help="CTRL poisoning rate of the pre-training set."),
+    decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
+    decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
+    seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
+    regimes: str = typer.Option("id,ood", help="Decoder training data: id (clean digits) and/or ood (photo crops)."),
+    l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
+    fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
+    decree_steps: int = typer.Option(300, help="Steps of the simplified DECREE inversion (0 = skip)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Build (or reuse) victims, train DeDe detectors and baselines, write the paper-shaped results table."""
+    from dede_rt.evaluation.pipeline import EvalConfig, run_eval
+    from dede_rt.evaluation.victims import VictimConfig
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    regime_list = tuple(r.strip() for r in regimes.split(",") if r.strip())
+    if not regime_list or set(regime_list) - {"id", "ood"}:
+        raise UserError(f"--regimes takes id and/or ood, got {regimes!r}")
+    config = EvalConfig(
+        victims=tuple(victim), victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs,
+                                                   ctrl_rate=ctrl_rate),
+        decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
+                 "decoder_depth": decoder_depth, "patch_size": 4},
+        decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list,
+        l2_variants=(False, True) if l2 else (False,), fpr=fpr, decree_steps=decree_steps)
+    log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    results = run_eval(out, config, victims_dir, progress=not quiet, log=log)
+    typer.echo((Path(out) / "results.md").read_text())
+    typer.echo(f"results written to {out} in {results['seconds']:.0f} s")
+
+
 def _csv(text: str, cast=str) -> tuple:
     try:
         return tuple(cast(v.strip()) for v in text.split(",") if v.strip())

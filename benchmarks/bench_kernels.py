@@ -10,6 +10,9 @@ Section ``kernels`` (same inputs for every implementation, batch 256 by default)
   and on CUDA the Triton kernels (autotuned). Times are medians; ratios are baseline / impl.
   Every implementation's scores are checked against the baseline (max relative error).
 
+Section ``e2e``: whole-batch scoring with a ResNet18 victim and the reference decoder (32 px/p4):
+``score_batch`` vs ``fused_score_batch`` (Triton, head fused, on CUDA; the reference op on CPU).
+
 Section ``cpu-tail``: a fused uint8 detector graph (CIFAR ResNet18 victim + reference decoder
 12+4, dim 192, patch 4, test path), exported with torch.onnx and run on ONNX Runtime CPU with
 its profiler; reports the share of node time spent in the score tail (patchify, squared error,
@@ -253,10 +256,43 @@ def bench_cpu_tail(batch: int, repeats: int, threads: int) -> dict:
     return result
 
 
+def bench_e2e(batch: int, repeats: int, device: str) -> list[dict]:
+    """Whole-batch scoring (ResNet18 + reference decoder, 32 px/p4): ``score_batch`` vs ``fused_score_batch``.
+
+    The fused path is Triton on CUDA, the chunked reference op on CPU (where no kernel is expected to help).
+    """
+    from dede_rt.kernels.fused import fused_score_batch
+    from dede_rt.models.encoders import VictimEncoder
+    from dede_rt.models.resnet import build_resnet
+    from dede_rt.scoring import score_batch
+
+    torch.manual_seed(0)
+    norm = Normalization()
+    encoder = VictimEncoder(build_resnet("resnet18"), 512).to(device).eval()
+    decoder = DeDeDecoder(DecoderConfig(embed_dim=512)).to(device).eval()
+    images = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    kernel = "triton" if device == "cuda" else "reference"
+    with torch.no_grad():
+        expected = score_batch(encoder, decoder, norm, images)
+        runs = {"score_batch": lambda: score_batch(encoder, decoder, norm, images),
+                f"fused_score_batch[{kernel}]": lambda: fused_score_batch(encoder, decoder, norm, images, kernel=kernel)}
+        rows, base = [], None
+        for name, fn in runs.items():
+            err = float((fn() - expected).abs().max() / expected.abs().max())
+            stats = timeit(fn, sync, repeats, warmup=1)
+            base = base or stats["median_s"]
+            rows.append({"impl": name, "device": device, "batch": batch, **stats, "images_per_s": batch / stats["median_s"],
+                         "speedup_vs_score_batch": base / stats["median_s"], "max_rel_err": err})
+            print(f"e2e {name:>28}: {stats['median_s'] * 1e3:9.1f} ms  {batch / stats['median_s']:8.0f} img/s "
+                  f"x{base / stats['median_s']:.3f} err {err:.1e}", flush=True)
+    return rows
+
+
 def main() -> None:
     """Run the selected sections and write JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", choices=["kernels", "cpu-tail", "all"], default="all")
+    p.add_argument("--section", choices=["kernels", "cpu-tail", "e2e", "all"], default="all")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--cpu-tail-batch", type=int, default=64)
@@ -274,6 +310,8 @@ def main() -> None:
                        "kernels were verified only in interpreter mode (TRITON_INTERPRET=1) by the tests.")
     if a.section in ("kernels", "all"):
         out["kernels"] = bench_kernels(a.batch, a.repeats, a.device, not a.no_compile)
+    if a.section in ("e2e", "all"):
+        out["e2e"] = bench_e2e(a.batch, max(3, a.repeats // 2), a.device)
     if a.section in ("cpu-tail", "all"):
         import onnxruntime
 

@@ -184,11 +184,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dede-bench-scan"))
     parser.add_argument("--n-large", type=int, default=100_000)
     parser.add_argument("--n-small", type=int, default=10_000)
-    parser.add_argument("--n-speed", type=int, default=4000)
-    parser.add_argument("--n-jpeg", type=int, default=1500)
+    parser.add_argument("--n-speed", type=int, default=2000)
+    parser.add_argument("--n-jpeg", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", default="torch", help="comma-separated backends to time")
+    parser.add_argument("--threads", default="1", type=lambda t: [int(x) for x in t.split(",")],
+                        help="inference thread counts to time (comma-separated)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -205,7 +207,7 @@ def main() -> None:
     png = write_images(args.workdir / "png32", max(args.n_large if not args.skip_memory else 0, args.n_speed), 32, "PNG")
     jpg = write_images(args.workdir / "jpg256", args.n_jpeg, 256, "JPEG")
     for backend in args.backends.split(","):
-        for threads, workers, pool in ((1, 1, "thread"), (2, 1, "thread"), (1, 1, "process")):
+        for threads, workers, pool in [(t, 1, "thread") for t in args.threads] + [(1, 1, "process")]:
             label = f"png32-{backend}-t{threads}-{pool}"
             result["speed"][label] = speed_benchmark(detector, png, args.n_speed, args.batch_size, backend, threads,
                                                      workers, pool, args.repeats, args.workdir, label)

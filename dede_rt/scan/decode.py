@@ -34,12 +34,14 @@ POOL_KINDS = ("thread", "process")
 
 
 def _open_regular(path: str) -> io.BufferedReader:
-    """Open ``path`` for reading, refusing anything but a regular file (a FIFO would block forever)."""
+    """Open ``path`` for reading, refusing anything but a non-empty regular file (a FIFO would block forever)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({stat.filemode(mode)})")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+        if info.st_size == 0:
+            raise ValueError("empty file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -61,8 +63,6 @@ def decode_item(item: Item, size: int, max_pixels: int | None = DEFAULT_MAX_PIXE
                 raise ValueError("empty file")
             return decode_image(io.BytesIO(item.data), size, max_pixels)
         with _open_regular(item.path) as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ValueError("empty file")
             return decode_image(fh, size, max_pixels)
     except UnidentifiedImageError:
         raise UnidentifiedImageError("not an image in a format Pillow recognizes") from None

@@ -107,3 +107,10 @@ def test_shape_errors():
         from dede_rt.kernels.fused import _ops
 
         _ops("cuda-magic")
+
+
+def test_runner_rejects_unknown_score_kernel(tiny_detector_dir):
+    from dede_rt.errors import UserError
+
+    with pytest.raises(UserError, match="score kernel"):
+        TorchRunner(tiny_detector_dir, score_kernel="cuda-magic")

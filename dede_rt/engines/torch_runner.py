@@ -9,6 +9,7 @@ import torch
 
 from dede_rt.detector import Detector, load_detector
 from dede_rt.engines.base import BaseRunner
+from dede_rt.errors import UserError
 from dede_rt.scoring import score_batch
 
 
@@ -27,6 +28,10 @@ class TorchRunner(BaseRunner):
         size = self.detector.normalization.image_size if self.detector else 0
         super().__init__(size, f"torch-{device}")
         self.device = device
+        from dede_rt.kernels.fused import SCORE_KERNELS
+
+        if score_kernel not in SCORE_KERNELS:
+            raise UserError(f"unknown score kernel {score_kernel!r}; choose from {', '.join(SCORE_KERNELS)}")
         self.score_kernel = score_kernel
 
     def activate_impl(self) -> None:

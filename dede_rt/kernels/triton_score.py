@@ -174,6 +174,11 @@ def _launch(config: dict) -> dict:
     return out
 
 
+def _check_device(*tensors: torch.Tensor) -> None:
+    if not INTERPRET and any(t.device.type != "cuda" for t in tensors):
+        raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)")
+
+
 def _finish(partials: torch.Tensor) -> torch.Tensor:
     return partials[:, 0] if partials.shape[1] == 1 else partials.sum(dim=1)
 
@@ -189,6 +194,7 @@ def mask_and_score(
     """
     n, tokens, width = recon.shape
     grid_side = check_shapes(images_u8, tokens, width, patch)
+    _check_device(images_u8, recon)
     images_u8, recon = images_u8.contiguous(), recon.contiguous()
     msk, stride_mn = _mask_args(mask, n, tokens, recon)
     total = tokens * width
@@ -219,6 +225,7 @@ def mask_and_score_head(
     if head_weight.shape != (width, dim):
         raise ValueError(f"head_weight must be [3p², dim] = [{width}, {dim}], got {list(head_weight.shape)}")
     grid_side = check_shapes(images_u8, tokens, dim, patch, what="hidden")
+    _check_device(images_u8, hidden, head_weight)
     hidden = hidden.float()
     if hidden.stride(2) != 1:
         hidden = hidden.contiguous()

@@ -129,6 +129,10 @@ def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ..
     from dede_rt.export.bundle import deployment, update_deployment
 
     bundle = Path(bundle)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # same intra-op pool size for torch and ONNX Runtime
     if len(images) < max(batches):
         reps = -(-max(batches) // len(images))
         images = np.concatenate([images] * reps)

@@ -107,6 +107,7 @@ def eval_command(
     seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
     regimes: str = typer.Option("id,ood", help="Decoder training data: id (clean digits) and/or ood (photo crops)."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
+    l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
     decree_steps: int = typer.Option(300, help="Steps of the simplified DECREE inversion (0 = skip)."),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
@@ -133,7 +134,8 @@ def eval_command(
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": 4},
         decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list,
-        l2_variants=(False, True) if l2 else (False,), fpr=fpr, decree_steps=decree_steps)
+        l2_variants=(False, True) if l2 else (False,),
+        l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     results = run_eval(out, config, victims_dir, progress=not quiet, log=log)
     typer.echo((Path(out) / "results.md").read_text())

@@ -19,6 +19,15 @@ from dede_rt.data.triggers import blend_trigger, patch_trigger, white_square
 from dede_rt.models.resnet import build_resnet
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread avoids oversubscription on busy machines (measured 30x slower otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_white_square_is_pixel_exact(rng):
     images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     out = white_square().stamp(images)

@@ -14,8 +14,8 @@ import numpy as np
 
 
 def embedding_norm_scores(embeddings: np.ndarray) -> np.ndarray:
-    """L2 norm of each embedding [N, D] -> [N]."""
-    return np.linalg.norm(np.asarray(embeddings, np.float64), axis=1).astype(np.float32)
+    """L2 norm of each embedding [N, D] -> [N], rounded to 1e-5 (float32 noise is not signal)."""
+    return np.round(np.linalg.norm(np.asarray(embeddings, np.float64), axis=1), 5).astype(np.float32)
 
 
 def knn_distance_scores(embeddings: np.ndarray, reference: np.ndarray, k: int = 10, batch: int = 1024) -> np.ndarray:

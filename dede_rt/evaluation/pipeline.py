@@ -56,6 +56,7 @@ class EvalConfig:
     seeds: tuple[int, ...] = (21, 22, 23)
     regimes: tuple[str, ...] = ("id", "ood")
     l2_variants: tuple[bool, ...] = (False, True)
+    l2_regimes: tuple[str, ...] = ("id", "ood")  # regimes in which the L2 view gets decoders (CPU budget)
     fpr: float = 0.01
     holdout_fraction: float = 0.15
     knn_k: int = 10
@@ -109,7 +110,7 @@ def reconstruct(decoder: DeDeDecoder, normalization: Normalization, embeddings: 
 
 
 def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: str | Path | None = None,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, data: EvalData | None = None) -> dict:
     """Build/load victims, train and score every detector variant, write results.{json,md} and plots to ``out``."""
     from dede_rt.evaluation.report import write_report
 
@@ -118,7 +119,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     normalization = Normalization()
-    data = eval_data(normalization.image_size, seed=config.victim.seed)
+    data = data or eval_data(normalization.image_size, seed=config.victim.seed)
     specs = [VictimSpec.parse(v) for v in config.victims]
     clean, victims = build_victims(victims_dir or out / "victims", specs, data, normalization, config.victim,
                                    progress, log)
@@ -150,7 +151,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
         probe = fit_probe(raw["id"], data.id_train_labels, config.victim.seed)
         pred_clean = probe.predict(raw["test"])
         for t in own:
-            pred_trig = probe.predict(raw[f"trig:{t}"])
+            pred_trig = probe.predict(raw[f"trig:{t}"])  # the downstream classifier sees raw embeddings
             common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
             records.append({**common, "view": "raw", "method": "probe", "regime": "-", "seed": None,
                             "ba": accuracy(pred_clean, data.test_labels),
@@ -177,6 +178,8 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
             emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
             dconf = DecoderConfig(**{**dconf_base, "embed_dim": encoder.embed_dim})
             for regime in config.regimes:
+                if l2 and regime not in config.l2_regimes:
+                    continue
                 train_idx, hold_idx = splits[regime]
                 images = regimes[regime]
                 for seed in config.seeds:

@@ -162,15 +162,51 @@ def _cached(meta_path: Path, key: dict) -> dict | None:
     return None
 
 
+def base_key(config: VictimConfig, data: EvalData) -> dict:
+    """The settings a SimCLR victim depends on (its cache key)."""
+    skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "drupe")
+    return {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": data.summary()}
+
+
+def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normalization: Normalization,
+                  config: VictimConfig, progress: bool = True, log=print) -> tuple[Path, float]:
+    """SimCLR-train a resnet on ``images`` into ``out/name.pth`` unless a checkpoint with the same key exists."""
+    path, meta_path = out / f"{name}.pth", out / f"{name}.json"
+    if (meta := _cached(meta_path, key)) is not None:
+        log(f"victim {name}: reusing {path}")
+        return path, meta["build_seconds"]
+    t0 = time.perf_counter()
+    model = build_resnet(config.arch)
+    losses = train_simclr(model, model.embed_dim, images, normalization,
+                          SimCLRConfig(epochs=config.simclr_epochs, batch_size=config.simclr_batch, seed=config.seed),
+                          progress)
+    save_badencoder_checkpoint(model, path, config.simclr_epochs)
+    seconds = time.perf_counter() - t0
+    meta_path.write_text(json.dumps({"key": key, "path": str(path), "build_seconds": seconds,
+                                     "simclr_losses": losses}, indent=1))
+    log(f"victim {name}: SimCLR {config.simclr_epochs} epochs on {len(images)} images in {seconds:.0f} s, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return path, seconds
+
+
+def build_ctrl_victim(out: Path, name: str, data: EvalData, normalization: Normalization, config: VictimConfig,
+                      progress: bool = True, log=print) -> tuple[Path, float]:
+    """CTRL: SimCLR from scratch on the pre-training set with ``ctrl_rate`` target-class images triggered."""
+    trigger = make_trigger("ctrl", normalization.image_size, config.seed)
+    poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, config.target, config.ctrl_rate,
+                                        trigger, config.seed)
+    log(f"victim {name}: {len(idx)} of {len(poisoned)} pre-training images poisoned (class {config.target})")
+    return simclr_victim(Path(out), name, poisoned, {**base_key(config, data), "attack": "ctrl",
+                                                     "rate": config.ctrl_rate}, normalization, config, progress, log)
+
+
 def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, normalization: Normalization,
                   config: VictimConfig, progress: bool = True, log=print) -> tuple[Victim, list[Victim]]:
     """Build (or reuse cached) clean + attacked victims under ``out``; returns (clean, attacked)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = {k: v for k, v in asdict(config).items() if k not in ("finetune_epochs", "finetune_lr", "shadow_fraction",
-                                                                    "references", "ctrl_rate", "drupe")}
-    base["data"] = data.summary()
+    base = base_key(config, data)
     target = config.target
     ref_idx = np.flatnonzero(data.id_train_labels == target)[: config.references]
     reference = data.id_train[ref_idx]
@@ -178,22 +214,7 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
         : int(round(config.shadow_fraction * len(data.pretrain)))]]
 
     def simclr(name: str, images: np.ndarray, key: dict) -> tuple[Path, float]:
-        path, meta_path = out / f"{name}.pth", out / f"{name}.json"
-        if (meta := _cached(meta_path, key)) is not None:
-            log(f"victim {name}: reusing {path}")
-            return path, meta["build_seconds"]
-        t0 = time.perf_counter()
-        model = build_resnet(config.arch)
-        losses = train_simclr(model, model.embed_dim, images, normalization,
-                              SimCLRConfig(epochs=config.simclr_epochs, batch_size=config.simclr_batch, seed=config.seed),
-                              progress)
-        save_badencoder_checkpoint(model, path, config.simclr_epochs)
-        seconds = time.perf_counter() - t0
-        meta_path.write_text(json.dumps({"key": key, "path": str(path), "build_seconds": seconds,
-                                         "simclr_losses": losses}, indent=1))
-        log(f"victim {name}: SimCLR {config.simclr_epochs} epochs on {len(images)} images in {seconds:.0f} s, "
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        return path, seconds
+        return simclr_victim(out, name, images, key, normalization, config, progress, log)
 
     clean_path, clean_s = simclr("clean", data.pretrain, {**base, "attack": "clean"})
     clean_model = load_encoder(clean_path)[0].backbone
@@ -204,9 +225,7 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
             continue
         trigger = make_trigger(spec.trigger, normalization.image_size, config.seed)
         if spec.attack == "ctrl":
-            poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, target, config.ctrl_rate,
-                                                trigger, config.seed)
-            path, seconds = simclr(spec.name, poisoned, {**base, "attack": "ctrl", "rate": config.ctrl_rate})
+            path, seconds = build_ctrl_victim(out, spec.name, data, normalization, config, progress, log)
         else:
             key = {**base, "attack": spec.attack, "trigger": spec.trigger, "epochs": config.finetune_epochs,
                    "lr": config.finetune_lr, "shadow": len(shadow), "references": config.references,

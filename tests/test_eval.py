@@ -1,0 +1,85 @@
+"""The eval pipeline end to end on tiny victims, and the cached-embedding scoring path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dede_rt.data.transforms import Normalization
+from dede_rt.evaluation.pipeline import EvalConfig, embedding_scores, run_eval
+from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
+from dede_rt.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models: one thread avoids oversubscription on busy machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_images):
+    from dede_rt.detector import load_detector
+    from dede_rt.training import compute_embeddings
+
+    det = load_detector(tiny_detector_dir)
+    images = demo_images.images[300:340]
+    z = compute_embeddings(det.encoder, det.normalization, images)
+    assert np.allclose(embedding_scores(det.decoder, det.normalization, images, z), det.score(images), rtol=1e-5)
+
+
+def test_victim_spec_parsing_and_triggers():
+    assert VictimSpec.parse("drupe:blend") == VictimSpec("drupe_blend", "drupe", "blend")
+    assert VictimSpec.parse("mine=badencoder:white_square").name == "mine"
+    for bad in ("drupe:ctrl_typo", "nope:blend", "ctrl:blend"):
+        with pytest.raises(UserError):
+            VictimSpec.parse(bad)
+    with pytest.raises(UserError):
+        make_trigger("checkerboard")
+    assert make_trigger("white_square").mask[21:31, 21:31].all()
+
+
+def _tiny_data(demo_images) -> EvalData:
+    digits = np.flatnonzero(demo_images.labels < 10)
+    photos = np.flatnonzero(demo_images.labels >= 10)
+    train, test = digits[:160], digits[160:220]
+    return EvalData(np.concatenate([demo_images.images[train], demo_images.images[photos[:64]]]),
+                    np.concatenate([demo_images.labels[train], demo_images.labels[photos[:64]]]),
+                    demo_images.images[train], demo_images.labels[train],
+                    demo_images.images[test], demo_images.labels[test], demo_images.images[photos[64:192]])
+
+
+def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
+    config = EvalConfig(victims=("badencoder:white_square", "ctrl:ctrl"),
+                        victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1, ctrl_rate=0.02),
+                        decoder={"dim": 32, "heads": 2, "encoder_depth": 1, "decoder_depth": 1, "patch_size": 4},
+                        decoder_epochs=1, decoder_batch=64, seeds=(1, 2), l2_regimes=("id",), decree_steps=3,
+                        knn_k=5, recon_examples=3)
+    lines = []
+    results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    out = tmp_path / "out"
+    md = (out / "results.md").read_text()
+    assert "| BadEncoder | white square | raw |" in md and "| BadEncoder | white square | l2 |" in md
+    assert "| control: clean encoder | white square | raw |" in md and "| CTRL | frequency | raw |" in md
+    for name in ("roc.png", "histograms.png", "reconstructions.png"):
+        assert 0 < (out / name).stat().st_size < 300_000
+    saved = json.loads((out / "results.json").read_text())
+    dede = [r for r in saved["records"] if r["method"] == "dede"]
+    # encoders: clean (2 triggers) + 2 victims; views: raw (id, ood) + l2 (id only); 2 seeds
+    assert len({(r["encoder"], r["view"], r["regime"], r["seed"]) for r in dede}) == 3 * 3 * 2
+    assert {(r["view"], r["regime"]) for r in dede} == {("raw", "id"), ("raw", "ood"), ("l2", "id")}
+    for r in dede:
+        assert 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
+    norm_l2 = [r for r in saved["records"] if r["method"] == "embedding_norm" and r["view"] == "l2"]
+    assert all(r["auroc"] == pytest.approx(0.5) for r in norm_l2)  # constant norm: chance level, as it must be
+    assert {v["name"] for v in results["victims"]} == {"clean", "badencoder_white_square", "ctrl_ctrl"}
+    assert any("FAILED" in line or "backdoored" in line for line in lines)
+    # victims are cached: a second run reuses them
+    lines.clear()
+    run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    assert sum("reusing" in line for line in lines) == 3

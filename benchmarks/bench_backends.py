@@ -31,12 +31,43 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="backends_cpu", help="results file stem under benchmarks/results/")
+    ap.add_argument("--quality-detector", type=Path, default=None,
+                    help="a detector trained by `dede-rt demo`: measure each precision's AUROC/TPR on the demo's "
+                         "test split (writes <name>_quality.json) instead of timing")
     args = ap.parse_args()
+    if args.quality_detector is not None:
+        quality(args.quality_detector, RESULTS / f"{args.name}_quality.json")
+        return
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / args.name
     bench_command(args.detector, args.workdir, tuple(int(b) for b in args.batch_sizes.split(",")), DEFAULT_VARIANTS,
                   args.seconds, args.rounds, args.threads, f"{stem}.json", f"{stem}.md", f"{stem}.png")
     print((stem.with_suffix(".md")).read_text())
+
+
+def quality(detector: Path, out: Path) -> None:
+    """Per-precision detection quality on the demo victim's seeded test split (same split as `dede-rt demo`)."""
+    import json
+    import shutil
+
+    from dede_rt.bench import precision_quality
+    from dede_rt.data.transforms import Normalization
+    from dede_rt.data.triggers import white_square
+    from dede_rt.demo import TARGET_CLASS, DemoSettings, demo_splits
+
+    work = Path("/tmp/dede-rt-bench/quality") / detector.name
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(detector, work, ignore=shutil.ignore_patterns("checkpoints"))
+    data, _, cal_idx, test_idx = demo_splits(DemoSettings(), Normalization())
+    test = data.images[test_idx]
+    triggered = white_square().stamp(test[data.labels[test_idx] != TARGET_CLASS])
+    result = precision_quality(work, data.images[cal_idx], test, triggered)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["rows"]:
+        print(f"{r['backend']:12s} {r['precision']}: AUROC {r['auroc']:.4f} (delta {r['auroc_delta_vs_torch_fp32']:+.4f}), "
+              f"TPR@thr {r['tpr_at_threshold']:.3f}, FPR@thr {r['fpr_at_threshold']:.3f}, "
+              f"Spearman vs torch {r['spearman_vs_torch']:.5f}")
 
 
 if __name__ == "__main__":

@@ -311,3 +311,43 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, batches: tuple
     result = run_benchmark(path, images, batches, variants, seconds, rounds, threads, log=log)
     write_reports(result, json_path, markdown_path, plot_path)
     return result
+
+
+def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndarray, test_triggered: np.ndarray,
+                      count: int = 256, log=print) -> dict:
+    """Detection quality of each precision on a labelled test split (clean = 0, triggered = 1) vs FP32.
+
+    ``clean`` (disjoint from the test split) calibrates INT8 and the per-precision
+    thresholds; the test split is only scored.
+    """
+    from scipy.stats import spearmanr
+
+    from dede_rt.calibration.pipeline import calibrate_detector
+    from dede_rt.engines.comparator import run_batched
+    from dede_rt.engines.registry import make_runner
+    from dede_rt.export.bundle import deployment, read_manifest
+    from dede_rt.metrics import detection_report
+
+    bundle = Path(bundle)
+    calibrate_detector(bundle, clean, count=count, warn=log)
+    dep = deployment(bundle)["precisions"]
+    fpr = float(read_manifest(bundle)["thresholds"].get("default_fpr", 0.01))
+    images = np.concatenate([test_clean, test_triggered])
+    labels = np.r_[np.zeros(len(test_clean), int), np.ones(len(test_triggered), int)]
+    rows, ref = [], None
+    for backend, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                               ("onnxruntime", "fp16")):
+        with make_runner(bundle, backend, precision) as runner:
+            scores = run_batched(runner, images, 128)
+        key = "thresholds_heldout" if precision == "fp32" else "thresholds"
+        threshold = dep[precision][key][f"{fpr:g}"]
+        ref = scores if ref is None else ref
+        report = detection_report(labels, scores, threshold)
+        rows.append({"backend": backend, "precision": precision, "threshold": threshold, **report,
+                     "spearman_vs_torch": float(spearmanr(ref, scores).statistic),
+                     "gate": {k: v for k, v in dep[precision]["gate"].items() if k in ("passed", "mode", "summary")}})
+    base = rows[0]["auroc"]
+    for r in rows:
+        r["auroc_delta_vs_torch_fp32"] = r["auroc"] - base
+    return {"bundle": str(bundle), "test_clean": int(len(test_clean)), "test_triggered": int(len(test_triggered)),
+            "calibration_clean": int(len(clean)), "fpr": fpr, "rows": rows}

@@ -29,7 +29,7 @@ def bundle(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory, de
 
 def test_rows_reports_and_recorded_speeds(bundle: Path, demo_images, tmp_path: Path) -> None:
     variants = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp16"))
-    result = run_benchmark(bundle, demo_images.images[:300], batches=(1, 16), variants=variants, seconds=0.02,
+    result = run_benchmark(bundle, demo_images.images[:64], batches=(1, 16), variants=variants, seconds=0.02,
                            rounds=2, log=lambda _: None)
     rows = result["rows"]
     assert {(r["backend"], r["precision"]) for r in rows} == set(variants[:3])

@@ -217,7 +217,7 @@ def bench(
     seconds: float = typer.Option(1.0, help="Seconds per measurement per round."),
     rounds: int = typer.Option(3, help="Round-robin rounds (all variants once per round)."),
     threads: int = typer.Option(0, help="Intra-op threads for torch and ONNX Runtime (0: their defaults)."),
-    workdir: Path = typer.Option(Path(".dede-rt-bench"), help="Where the default speed bundle lives."),
+    workdir: Path = typer.Option(Path.home() / ".cache" / "dede-rt" / "bench", help="Where the default speed bundle lives."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows (backend, precision, batch, throughput, latency_*) as JSON."),
     markdown: Optional[Path] = typer.Option(None, help="Write the Markdown table."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart."),

@@ -79,8 +79,10 @@ def _candidates(bundle: Path, dep: dict) -> list[RunnerChoice]:
         if precision != "fp32" and not gate.get("passed", False):
             continue
         if path.is_file():
-            why = "reference export" if precision == "fp32" else f"passed its quality gate ({gate.get('summary', '')})"
-            out.append(RunnerChoice("onnxruntime", precision, ort_device, str(path), why.rstrip(" ()")))
+            summary = gate.get("summary")
+            why = "reference export" if precision == "fp32" else \
+                "passed its quality gate" + (f" ({summary})" if summary else "")
+            out.append(RunnerChoice("onnxruntime", precision, ort_device, str(path), why))
     engines = dep.get("tensorrt", {})
     if engines and cuda:
         ok, _ = _tensorrt_usable()

@@ -71,3 +71,17 @@ def test_auto_prefers_measured_fastest_and_skips_failed_gates(bundle: Path) -> N
     update_deployment(bundle, "benchmarks", None, {})
     assert choose_runner(bundle).backend == "onnxruntime"  # static preference without measurements
     assert "int8" in deployment(bundle)["precisions"]
+
+
+def test_tensorrt_entries_need_tensorrt_and_a_gpu(bundle: Path) -> None:
+    from dede_rt.engines.tensorrt_runner import tensorrt_status
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT and a GPU are present")
+    (bundle / "trt").mkdir(exist_ok=True)
+    (bundle / "trt" / "detector_fp16.engine").write_bytes(b"not an engine")
+    update_deployment(bundle, "tensorrt", "fp16", {"path": "trt/detector_fp16.engine", "gate": {"passed": True},
+                                                   "manifest": {"tensorrt": "10.0.0", "gpu": "x", "compute_capability": "9.0"}})
+    assert choose_runner(bundle).backend != "tensorrt"
+    with pytest.raises(UserError, match="pip install"):
+        make_runner(bundle, "tensorrt", "fp16")

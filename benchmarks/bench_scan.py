@@ -11,7 +11,10 @@ at test time), patch 4, trained 1 epoch (weights do not change the timing).
 2. Speed, 32x32 PNGs: end-to-end scan (discovery, decode pool, batching, the
    runner, CSV output) vs the same runner's ``infer`` on the same images already
    decoded in memory, same backend, batch size and inference threads. Runs are
-   interleaved (runner, scan, runner, scan, ...) because the machine is shared.
+   interleaved (runner, scan, runner, scan, ...) because the machine is shared;
+   the same runner object serves both. Also CPU seconds per image (all threads)
+   of each: runner CPU / scan CPU is the share of the scan's work that is
+   inference, a contention-proof view of the overhead.
    Target: scan >= 85% of runner-only.
 3. Speed, 256x256 JPEGs (JPEG draft mode decodes them at 1/8 scale).
 
@@ -138,45 +141,75 @@ def load_arrays(root: Path, n: int, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def runner_only(runner, arrays: np.ndarray, batch: int) -> float:
-    """Images/s of ``runner.infer`` over pre-decoded, pre-batched arrays."""
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (decode processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def runner_only(runner, arrays: np.ndarray, batch: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of ``runner.infer`` over pre-decoded, pre-batched arrays."""
     batches = [np.ascontiguousarray(arrays[i : i + batch]) for i in range(0, len(arrays), batch)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         runner.infer(b)
-    return len(arrays) / (time.perf_counter() - t0)
+    return len(arrays) / (time.perf_counter() - t0), (time.process_time() - c0) / len(arrays)
+
+
+def scan_once(scanner, images: Path, n: int, out: Path) -> tuple[float, float, dict]:
+    """(images/s, CPU seconds per image, stats) of the scan hot path: discovery, decode pool, batching, runner, CSV.
+
+    The same loop as ``run_scan`` minus model loading and the end-of-scan summary (both once per scan).
+    """
+    import itertools
+
+    from dede_rt.scan.output import ResultWriter
+    from dede_rt.scan.sources import open_source
+
+    out.unlink(missing_ok=True)
+    writer = ResultWriter(out)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for rows in scanner.batches(itertools.islice(open_source(images).items(), n)):
+        writer.write(rows)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0  # includes reaped decode processes
+    writer.close(finished=True)
+    assert scanner.stats.inputs == n and scanner.stats.errors == 0
+    return n / wall, cpu / n, scanner.stats.as_dict()
 
 
 def speed_benchmark(detector: Path, images: Path, n: int, batch: int, backend: str, threads: int, workers: int,
                     pool: str, repeats: int, workdir: Path, label: str) -> dict:
-    """Interleaved runner-only and end-to-end scan throughput on the first ``n`` images."""
-    from dede_rt.scan.pipeline import Scanner, run_scan
+    """Interleaved runner-only and end-to-end scan throughput on the first ``n`` images, same runner object."""
+    from dede_rt.scan.pipeline import Scanner
 
     scanner = Scanner(detector, backend=backend, batch_size=batch, workers=workers, pool=pool, threads=threads)
     runner = scanner.runner
     arrays = load_arrays(images, n, scanner.size)
     runner.infer(arrays[:batch])  # warm-up
-    run_rates, scan_rates, inference_shares = [], [], []
+    run_rates, run_cpu, scan_rates, scan_cpu, shares = [], [], [], [], []
     for r in range(repeats):
-        run_rates.append(runner_only(runner, arrays, batch))
-        out = workdir / f"speed-{label}-{r}.csv"
-        for p in workdir.glob(f"speed-{label}-{r}*"):
-            p.unlink()
-        # run_scan builds its own Scanner; reuse ours by passing the same settings (the model loads outside the timing)
-        summary = run_scan(images, detector, out, limit=n, progress=False, backend=backend, batch_size=batch,
-                           workers=workers, pool=pool, threads=threads)
-        stats = summary["this_run"]
-        scan_rates.append(stats["images_per_second"])
-        inference_shares.append(stats["inference_seconds"] / stats["seconds"])
-        print(f"{label} repeat {r}: runner {run_rates[-1]:.0f} img/s, scan {scan_rates[-1]:.0f} img/s", flush=True)
+        rate, cpu = runner_only(runner, arrays, batch)
+        run_rates.append(rate)
+        run_cpu.append(cpu)
+        rate, cpu, stats = scan_once(scanner, images, n, workdir / f"speed-{label}.csv")
+        scan_rates.append(rate)
+        scan_cpu.append(cpu)
+        shares.append(stats["inference_seconds"] / stats["seconds"])
+        print(f"{label} repeat {r}: runner {run_rates[-1]:.0f} img/s, scan {scan_rates[-1]:.0f} img/s "
+              f"(CPU/img runner {run_cpu[-1] * 1e3:.2f} ms, scan {scan_cpu[-1] * 1e3:.2f} ms)", flush=True)
     scanner.close()
     ratios = [s / r for s, r in zip(scan_rates, run_rates)]
+    cpu_ratios = [r / s for r, s in zip(run_cpu, scan_cpu)]
     return {"images": n, "backend": scanner.backend, "precision": scanner.precision, "runner": scanner.describe(),
             "batch_size": batch, "inference_threads": threads, "decode_workers": workers, "pool": pool,
             "runner_only_img_s": [round(x, 1) for x in run_rates], "scan_img_s": [round(x, 1) for x in scan_rates],
             "ratio_per_repeat": [round(x, 3) for x in ratios], "ratio_median": round(statistics.median(ratios), 3),
             "ratio_of_medians": round(statistics.median(scan_rates) / statistics.median(run_rates), 3),
-            "inference_share_of_scan_time": [round(x, 3) for x in inference_shares]}
+            "ratio_best_vs_best": round(max(scan_rates) / max(run_rates), 3),
+            "cpu_ms_per_image_runner": [round(x * 1e3, 3) for x in run_cpu],
+            "cpu_ms_per_image_scan": [round(x * 1e3, 3) for x in scan_cpu],
+            "cpu_efficiency_median": round(statistics.median(cpu_ratios), 3),
+            "inference_share_of_scan_wall_time": [round(x, 3) for x in shares]}
 
 
 def main() -> None:
@@ -184,8 +217,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dede-bench-scan"))
     parser.add_argument("--n-large", type=int, default=100_000)
     parser.add_argument("--n-small", type=int, default=10_000)
-    parser.add_argument("--n-speed", type=int, default=2000)
-    parser.add_argument("--n-jpeg", type=int, default=1000)
+    parser.add_argument("--n-speed", type=int, default=1500)
+    parser.add_argument("--n-jpeg", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", default="torch", help="comma-separated backends to time")

@@ -73,6 +73,10 @@ def test_npz_nhwc_and_nchw_float(tmp_path, arrays, tiny_detector_dir):
         assert [r.member for r in rows] == [str(i) for i in range(20)]
         np.testing.assert_allclose([r.score for r in rows], expected, rtol=1e-5)
     assert open_source(tmp_path / "u8.npz").count() == 20
+    import dede_rt
+
+    rows = list(dede_rt.scan(tmp_path / "u8.npz", tiny_detector_dir, backend="torch", limit=5))  # the API
+    assert [r.member for r in rows] == ["0", "1", "2", "3", "4"]
 
 
 def test_cifar_batches_and_resized_arrays(tmp_path, arrays, tiny_detector_dir):

@@ -66,12 +66,19 @@ def _format_score(score: float | None) -> str:
     return "" if score is None else format(score, ".9g")  # 9 digits: float32 round-trips exactly
 
 
-def _csv_line(row: ScanResult) -> str:
-    buffer = io.StringIO()
+def _csv_fields(row: ScanResult) -> list:
     flagged = "" if row.flagged is None else ("true" if row.flagged else "false")
-    csv.writer(buffer, lineterminator="\n").writerow(
-        [row.index, row.path, row.member, _format_score(row.score), flagged, row.error or ""])
+    return [row.index, row.path, row.member, _format_score(row.score), flagged, row.error or ""]
+
+
+def _csv_lines(rows: list[ScanResult]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(_csv_fields(r) for r in rows)
     return buffer.getvalue()
+
+
+def _csv_line(row: ScanResult) -> str:
+    return _csv_lines([row])
 
 
 def _json_line(row: ScanResult) -> str:
@@ -170,8 +177,10 @@ class ResultWriter:
 
     def write(self, rows: list[ScanResult]) -> None:
         """Append one batch of rows with a single write (durable once it returns, even if the process is killed)."""
-        line = _csv_line if self.row_format == "csv" else _json_line
-        self._write("".join(line(r) for r in rows))
+        if self.row_format == "csv":
+            self._write(_csv_lines(rows))
+        else:
+            self._write("".join(_json_line(r) for r in rows))
 
     def _write(self, text: str) -> None:
         data = memoryview(text.encode("utf-8", errors="surrogateescape"))

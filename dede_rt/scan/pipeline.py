@@ -307,8 +307,11 @@ def run_scan(source: str | Path, detector: str | Path, output: str | Path | None
                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
     if summary_path is not None:
         if totals["histogram"] is not None:
+            fpr = (f"target FPR {scanner.target_fpr:g}" if scanner.target_fpr is not None
+                   else f"FPR {scanner.calibration_fpr:.3g} on calibration" if scanner.calibration_fpr is not None
+                   else "explicit threshold")
             write_histogram_png(histogram_path, totals["histogram"], scanner.threshold,
-                                f"{totals['counts']['flagged']} of {totals['counts']['scored']} flagged")
+                                f"{totals['counts']['flagged']} of {totals['counts']['scored']} flagged ({fpr})")
             summary["histogram_png"] = str(histogram_path)
         write_json_atomic(summary_path, summary)
         summary["summary_json"] = str(summary_path)

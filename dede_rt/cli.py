@@ -109,8 +109,9 @@ def eval_command(
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
     l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
-    decree_steps: int = typer.Option(300, help="Steps of the simplified DECREE inversion (0 = skip)."),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = torch default)."),
+    decree_steps: int = typer.Option(200, help="Steps of the simplified DECREE inversion (0 = skip)."),
+    threads: int = typer.Option(0, help="torch CPU threads of the main process (0 = torch default)."),
+    workers: int = typer.Option(1, help="Worker processes for decoder training (each single-threaded)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Build (or reuse) victims, train DeDe detectors and baselines, write the paper-shaped results table."""
@@ -137,7 +138,7 @@ def eval_command(
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
-    results = run_eval(out, config, victims_dir, progress=not quiet, log=log)
+    results = run_eval(out, config, victims_dir, progress=not quiet, log=log, workers=workers)
     typer.echo((Path(out) / "results.md").read_text())
     typer.echo(f"results written to {out} in {results['seconds']:.0f} s")
 
@@ -234,7 +235,8 @@ def bench(
 
 
 @app.command(epilog="Exit status: 0 scan finished and nothing flagged; 1 scan finished and at least one image "
-             "flagged; 2 usage or setup error (bad option, missing detector, unreadable source). Broken images "
+             "flagged; 2 usage or setup error (bad option, missing detector, unreadable source) or a failed scan "
+             "(rows so far are kept: rerun with --resume). Broken images "
              "never stop a scan: each gets a row with its error.")
 def scan(
     source: Path = typer.Argument(..., help="Image folder (recursive), .txt list of paths, .npz/.npy, CIFAR batches, "
@@ -267,10 +269,20 @@ def scan(
             if r.flagged:
                 typer.echo(f"FLAGGED {r.score:.6g} {r.path}{'::' + r.member if r.member else ''}")
 
-    summary = run_scan(source, detector, output, resume=resume, limit=limit, progress=not quiet,
-                       on_batch=None if output else echo_flagged, log=log, backend=backend, precision=precision,
-                       batch_size=batch_size, workers=workers, pool=pool, fpr=fpr, threshold=threshold,
-                       max_pixels=max_pixels, threads=threads)
+    try:
+        summary = run_scan(source, detector, output, resume=resume, limit=limit, progress=not quiet,
+                           on_batch=None if output else echo_flagged, log=log, backend=backend, precision=precision,
+                           batch_size=batch_size, workers=workers, pool=pool, fpr=fpr, threshold=threshold,
+                           max_pixels=max_pixels, threads=threads)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a crash must not exit 1, which means "flagged"
+        import traceback
+
+        traceback.print_exc()
+        typer.echo(f"error: scan failed: {type(exc).__name__}: {exc}"
+                   + (" (rows so far are saved; rerun with --resume)" if output else ""), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     c, run = summary["counts"], summary["this_run"]
     where = f"; rows in {output}, summary in {summary['summary_json']}" if output else ""
     typer.echo(f"{c['inputs']} inputs: {c['flagged']} flagged, {c['scored'] - c['flagged']} clean, {c['errors']} errors "

@@ -160,7 +160,7 @@ def test_output_files_summary_and_histogram(tmp_path, arrays, tiny_detector_dir)
         run_scan(tmp_path / "x.npz", tiny_detector_dir, tmp_path / "out.xlsx", progress=False)
 
 
-def test_cli_exit_codes(tmp_path, arrays, tiny_detector_dir):
+def test_cli_exit_codes(tmp_path, arrays, tiny_detector_dir, monkeypatch):
     from dede_rt.cli import app
 
     np.savez(tmp_path / "x.npz", x=arrays[:6])
@@ -171,6 +171,15 @@ def test_cli_exit_codes(tmp_path, arrays, tiny_detector_dir):
     assert "6 inputs: 0 flagged" in clean.output
     flagged = runner.invoke(app, base + ["--threshold", "0", "--limit", "4"])
     assert flagged.exit_code == 1 and flagged.output.count("FLAGGED") == 4, flagged.output
+    from dede_rt.engines.torch_runner import TorchRunner
+
+    def broken_infer(self, images):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(TorchRunner, "infer_impl", broken_infer)
+    crashed = runner.invoke(app, base + ["--output", str(tmp_path / "crash.csv")])
+    assert crashed.exit_code == 2 and "device lost" in crashed.output  # never 1, which means "flagged"
+    monkeypatch.undo()
     missing = subprocess.run([sys.executable, "-c", "from dede_rt.cli import main; main()", "scan", str(tmp_path),
                               "--detector", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "not a detector bundle" in missing.stderr

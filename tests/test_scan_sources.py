@@ -84,8 +84,11 @@ def test_cifar_batches_and_resized_arrays(tmp_path, arrays, tiny_detector_dir):
     (tmp_path / "cifar").mkdir()
     with open(tmp_path / "cifar" / "data_batch_1", "wb") as fh:
         pickle.dump(batch, fh)
+    (tmp_path / "cifar" / "data_batch_2").write_bytes(b"torn pickle")  # broken batch file: one error row
     rows = _scores(tmp_path / "cifar", tiny_detector_dir)
-    assert len(rows) == 20 and rows[3].path.endswith("data_batch_1") and rows[3].member == "3"
+    assert len(rows) == 21 and rows[3].path.endswith("data_batch_1") and rows[3].member == "3"
+    assert rows[20].path.endswith("data_batch_2") and "CIFAR" in rows[20].error
+    rows = rows[:20]
     np.testing.assert_allclose([r.score for r in rows], load_detector(tiny_detector_dir).score(arrays), rtol=1e-5)
     big = np.repeat(np.repeat(arrays[:4], 2, axis=1), 2, axis=2)  # 64 px arrays: resized like training sets
     np.savez(tmp_path / "big.npz", x=big)
@@ -110,6 +113,10 @@ def test_tar_shards_path_list_and_folder_of_shards(tmp_path, arrays, tiny_detect
     (tmp_path / "torn.tar").write_bytes(data[: len(data) // 2 + 100])
     rows = _scores(tmp_path / "torn.tar", tiny_detector_dir)
     assert rows[-1].error and all(r.error is None for r in rows[:-1]) and len(rows) >= 2
+    (shards / "train-002.tar").write_bytes(b"\x1f\x8b garbage")  # unreadable shard inside a folder: an error row
+    rows = _scores(shards, tiny_detector_dir)
+    assert len(rows) == 21 and "tar shard" in rows[-1].error
+    (shards / "train-002.tar").unlink()
 
     (tmp_path / "imgs").mkdir()
     for i in range(3):

@@ -23,7 +23,7 @@ from dede_rt.errors import UserError
 from dede_rt.scan.decode import DEFAULT_MAX_PIXELS, DecodePool
 from dede_rt.scan.output import (ResultWriter, ScanResult, sidecar_paths, summarize_rows, write_histogram_png,
                                  write_json_atomic)
-from dede_rt.scan.sources import Item, Source, open_source
+from dede_rt.scan.sources import Item, open_source
 
 DEFAULT_BATCH_SIZE = 64  # batches of 32-64 beat 256 on CPU (DESIGN.md)
 
@@ -233,7 +233,7 @@ def _limited(items: Iterator[Item], n: int) -> Iterator[Item]:
         yield item
 
 
-def _skip_verified(items: Iterator[Item], existing: Iterator[ScanResult], source: Source) -> int:
+def _skip_verified(items: Iterator[Item], existing: Iterator[ScanResult]) -> int:
     """Consume one item per existing output row, checking they are the same inputs in the same order."""
     done = 0
     for row in existing:
@@ -273,7 +273,7 @@ def run_scan(source: str | Path, detector: str | Path, output: str | Path | None
             done = 0
             if writer is not None and resume:
                 _check_same_settings(summary_path, scanner.threshold)
-                done = _skip_verified(items, writer.existing_rows(), src)
+                done = _skip_verified(items, writer.existing_rows())
                 if log and done:
                     log(f"resuming after {done} rows already in {output}")
             if summary_path is not None:

@@ -130,8 +130,11 @@ class TarSource(Source):
         for shard in self.shards:
             try:
                 archive = tarfile.open(shard, mode="r|*")  # stream mode: no member index in memory
-            except (OSError, tarfile.TarError) as exc:
-                raise UserError(f"{shard}: not a readable tar shard ({exc})") from None
+            except (OSError, EOFError, tarfile.TarError) as exc:  # a broken shard is one error row, not the end
+                if position >= start:
+                    yield Item(str(shard), "", error=f"not a readable tar shard: {type(exc).__name__}: {exc}")
+                position += 1
+                continue
             with archive:
                 members = iter(archive)
                 while True:
@@ -248,9 +251,10 @@ class CifarSource(Source):
             try:
                 with open(file, "rb") as fh:
                     data = np.asarray(pickle.load(fh, encoding="bytes")[b"data"], dtype=np.uint8)
-            except Exception as exc:
-                raise UserError(f"{file}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
-            images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            except Exception as exc:  # a broken batch file is one error row, not the end of the scan
+                yield Item(str(file), "", error=f"not a CIFAR python batch: {type(exc).__name__}: {exc}")
+                continue
             for index, image in enumerate(images):
                 yield Item(str(file), str(index), np.ascontiguousarray(image))
 

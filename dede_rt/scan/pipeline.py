@@ -8,6 +8,7 @@ file, resume, progress bar and summary; ``scan`` is the plain Python iterator.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dede_rt.detector import Detector, load_detector
+from dede_rt.detector import Detector
 from dede_rt.engines.base import BaseRunner
 from dede_rt.errors import UserError
 from dede_rt.scan.decode import DEFAULT_MAX_PIXELS, DecodePool
 from dede_rt.scan.output import (ResultWriter, ScanResult, sidecar_paths, summarize_rows, write_histogram_png,
                                  write_json_atomic)
 from dede_rt.scan.sources import Item, open_source
+from dede_rt.thresholds import DEFAULT_FPR, threshold_at_fpr
 
 DEFAULT_BATCH_SIZE = 64  # batches of 32-64 beat 256 on CPU (DESIGN.md)
 
@@ -56,13 +58,53 @@ class ScanStats:
                 "decode_wait_seconds": round(self.wait_seconds, 4)}
 
 
-def _make_runner(bundle: Path | None, detector: Detector, backend: str, precision: str | None,
+@dataclass
+class BundleThresholds:
+    """What the scanner needs from a bundle besides the runner: input size and calibrated thresholds.
+
+    Read from ``manifest.json`` + ``calibration_scores.npy`` without loading the
+    encoder (the runner loads, and hash-checks, what it needs).
+    """
+
+    image_size: int
+    by_fpr: dict[str, float]
+    default_fpr: float
+    calibration_scores: np.ndarray
+
+    @classmethod
+    def of(cls, detector: str | Path | Detector) -> BundleThresholds:
+        """From a loaded Detector or a bundle directory."""
+        if isinstance(detector, Detector):
+            return cls(detector.normalization.image_size, dict(detector.thresholds),
+                       detector.extra.get("default_fpr", DEFAULT_FPR), np.asarray(detector.calibration_scores))
+        from dede_rt.detector import CALIBRATION_SCORES, MANIFEST
+
+        path = Path(detector) / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{detector}: not a detector bundle (no readable {MANIFEST})") from None
+        if manifest.get("kind") != "dede-detector":
+            raise UserError(f"{path}: not a dede-rt detector manifest")
+        scores = Path(detector) / CALIBRATION_SCORES
+        calibration = np.load(scores) if scores.is_file() else np.empty(0, np.float32)
+        thresholds = manifest.get("thresholds", {})
+        return cls(int(manifest["normalization"]["image_size"]), dict(thresholds.get("by_fpr", {})),
+                   float(thresholds.get("default_fpr", DEFAULT_FPR)), calibration)
+
+    def threshold(self, fpr: float) -> float:
+        """The stored threshold at ``fpr``, else one computed from the calibration scores (as ``Detector.threshold``)."""
+        key = f"{fpr:g}"
+        return float(self.by_fpr[key]) if key in self.by_fpr else threshold_at_fpr(self.calibration_scores, fpr)
+
+
+def _make_runner(bundle: Path | None, detector: str | Path | Detector, backend: str, precision: str | None,
                  batch_size: int, device: str | None, threads: int) -> BaseRunner:
     try:
         from dede_rt.engines.registry import make_runner
     except ImportError:  # the engines registry is not installed in this build: the torch reference only
         make_runner = None
-    if make_runner is not None and bundle is not None:
+    if make_runner is not None and bundle is not None and (backend != "torch" or not isinstance(detector, Detector)):
         return make_runner(bundle, backend, precision, batch_size=batch_size, device=device, threads=threads)
     if backend not in ("auto", "torch") or precision not in (None, "fp32"):
         raise UserError(f"backend {backend} / {precision} needs the engines registry; only torch fp32 is available")
@@ -95,13 +137,13 @@ class Scanner:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if threshold is not None and fpr is not None:
             raise UserError("give either --threshold or --fpr, not both")
-        self.detector = detector if isinstance(detector, Detector) else load_detector(detector)
-        self.bundle = Path(detector) if not isinstance(detector, Detector) else self.detector.path
-        self.size = self.detector.normalization.image_size
-        calibration = np.asarray(self.detector.calibration_scores, np.float64)
+        info = BundleThresholds.of(detector)
+        self.bundle = detector.path if isinstance(detector, Detector) else Path(detector)
+        self.size = info.image_size
+        calibration = np.asarray(info.calibration_scores, np.float64)
         if threshold is None:
-            self.target_fpr: float | None = self.detector.extra.get("default_fpr", 0.01) if fpr is None else fpr
-            self.threshold = float(self.detector.threshold(self.target_fpr))
+            self.target_fpr: float | None = info.default_fpr if fpr is None else fpr
+            self.threshold = float(info.threshold(self.target_fpr))
         else:
             self.target_fpr, self.threshold = None, float(threshold)
         # The FPR this threshold actually has on the bundle's clean calibration scores.
@@ -117,7 +159,7 @@ class Scanner:
 
             torch.set_num_threads(threads)
         self.threads = threads
-        self.runner = _make_runner(self.bundle, self.detector, backend, precision, batch_size, device, threads)
+        self.runner = _make_runner(self.bundle, detector, backend, precision, batch_size, device, threads)
         self.runner.activate()
         if self.runner.image_size and self.runner.image_size != self.size:
             raise UserError(f"runner input size {self.runner.image_size} != detector size {self.size}")
@@ -320,8 +362,6 @@ def run_scan(source: str | Path, detector: str | Path, output: str | Path | None
 
 def _check_same_settings(summary_path: Path | None, threshold: float) -> None:
     """Refuse to resume with a different threshold: earlier rows were flagged against the old one."""
-    import json
-
     if summary_path is None or not summary_path.is_file():
         return
     try:

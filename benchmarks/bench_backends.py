@@ -63,11 +63,21 @@ def quality(detector: Path, out: Path) -> None:
     test = data.images[test_idx]
     triggered = white_square().stamp(test[data.labels[test_idx] != TARGET_CLASS])
     result = precision_quality(work, data.images[cal_idx], test, triggered)
+    # The same precisions behind a labelled gate: calibration-split images, clean and white-square stamped
+    # (never the test split), so the gate can see TPR, which a clean-only rank gate cannot.
+    from dede_rt.calibration.pipeline import calibrate_detector
+
+    cal = data.images[cal_idx]
+    stamped = white_square().stamp(cal[data.labels[cal_idx] != TARGET_CLASS])
+    labelled = calibrate_detector(work, cal, data.labels[cal_idx], stamped, precisions=("int8", "fp16"))
+    result["labelled_gates"] = {p: e["gate"] for p, e in labelled.items()}
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["rows"]:
         print(f"{r['backend']:12s} {r['precision']}: AUROC {r['auroc']:.4f} (delta {r['auroc_delta_vs_torch_fp32']:+.4f}), "
               f"TPR@thr {r['tpr_at_threshold']:.3f}, FPR@thr {r['fpr_at_threshold']:.3f}, "
               f"Spearman vs torch {r['spearman_vs_torch']:.5f}")
+    for p, g in result["labelled_gates"].items():
+        print(f"labelled gate {p}: {'PASSED' if g['passed'] else 'FAILED'} ({g['summary']})")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigge
 from dede_rt.data.transforms import Normalization
 from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimSpec, build_victims,
                                         eval_data, make_trigger)
-from dede_rt.metrics import detection_report, rates_at_threshold
+from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
 from dede_rt.probe import accuracy, attack_success_rate, fit_probe
-from dede_rt.scoring import TEST_MASK_RATIO, masked_sse, score_images
+from dede_rt.scoring import TEST_MASK_RATIO, masked_sse
 from dede_rt.thresholds import threshold_at_fpr
 from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
 
@@ -60,7 +60,7 @@ class EvalConfig:
     fpr: float = 0.01
     holdout_fraction: float = 0.15
     knn_k: int = 10
-    decree_steps: int = 300
+    decree_steps: int = 200
     recon_examples: int = 6
 
     def to_dict(self) -> dict:
@@ -109,8 +109,73 @@ def reconstruct(decoder: DeDeDecoder, normalization: Normalization, embeddings: 
     return normalization.invert(unpatchify(pred, decoder.config.patch_size))
 
 
+@dataclass
+class DecoderJob:
+    """One DeDe decoder to train and score (picklable: runs in a worker process)."""
+
+    encoder: str
+    view: str
+    regime: str
+    seed: int
+    decoder_config: DecoderConfig
+    train: TrainConfig
+    train_images: np.ndarray
+    train_embeddings: np.ndarray
+    eval_images: dict[str, np.ndarray]  # "hold", "test", "trig:<t>"
+    eval_embeddings: dict[str, np.ndarray]
+    recon: int = 0  # reconstruct this many clean/triggered non-target test images
+
+
+def run_decoder_job(job: DecoderJob) -> dict:
+    """Train one decoder on cached embeddings and score every set of the job."""
+    torch.set_num_threads(1)  # many single-threaded workers beat oversubscribed multi-threaded ones
+    t0 = time.perf_counter()
+    result = train_decoder(None, Normalization(), job.train_images, job.decoder_config, job.train,
+                           embeddings=job.train_embeddings, progress=False)
+    scores = {k: embedding_scores(result.decoder, Normalization(), job.eval_images[k], job.eval_embeddings[k])
+              for k in job.eval_images}
+    recon = {}
+    if job.recon:
+        recon = {k: reconstruct(result.decoder, Normalization(), job.eval_embeddings[k][: job.recon])
+                 for k in job.eval_images if k.startswith("trig:") or k == "test_nontarget"}
+    return {"scores": scores, "final_loss": result.losses[-1], "seconds": time.perf_counter() - t0, "recon": recon}
+
+
+def _decree_job(args: tuple) -> dict:
+    torch.set_num_threads(1)
+    path, images, steps, seed = args
+    from dede_rt.models.encoders import load_encoder
+
+    t0 = time.perf_counter()
+    res = invert_trigger(load_encoder(path)[0].backbone, Normalization(), images, DecreeConfig(steps=steps, seed=seed))
+    return {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _map(fn, jobs: list, workers: int, log=None, label=None) -> list:
+    """Run ``fn`` over ``jobs`` in ``workers`` processes (in-process when workers <= 1), logging completions."""
+    if workers <= 1:
+        out = []
+        for i, job in enumerate(jobs):
+            out.append(fn(job))
+            if log and label:
+                log(label(job, out[-1], i + 1, len(jobs)))
+        return out
+    import multiprocessing as mp
+
+    results = [None] * len(jobs)
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pending = {i: pool.apply_async(fn, (job,)) for i, job in enumerate(jobs)}
+        done = 0
+        for i, handle in pending.items():
+            results[i] = handle.get()
+            done += 1
+            if log and label:
+                log(label(jobs[i], results[i], done, len(jobs)))
+    return results
+
+
 def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: str | Path | None = None,
-             progress: bool = True, log=print, data: EvalData | None = None) -> dict:
+             progress: bool = True, log=print, data: EvalData | None = None, workers: int = 1) -> dict:
     """Build/load victims, train and score every detector variant, write results.{json,md} and plots to ``out``."""
     from dede_rt.evaluation.report import write_report
 
@@ -135,14 +200,14 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     for v in [clean, *victims]:
         status = "control" if v.attack == "clean" else ("backdoored" if v.backdoored else "FAILED attack (ASR < 0.8)")
         log(f"victim {v.name}: BA {v.ba:.3f}  ASR {v.asr:.3f}  [{status}]")
-
-    records: list[dict] = []
-    decree: dict[str, dict] = {}
-    curves: dict = {}
-    recon: dict[str, dict] = {}
     dconf_base = {**config.decoder, "image_size": normalization.image_size}
     if visible_count((normalization.image_size // dconf_base["patch_size"]) ** 2, TEST_MASK_RATIO) != 0:
         raise RuntimeError("eval scores from cached embeddings, which needs zero visible patches at test time")
+
+    records: list[dict] = []
+    curves: dict = {}
+    jobs: list[DecoderJob] = []
+    state: dict[str, dict] = {}
     for victim in [clean, *victims]:
         encoder = victim.encoder()
         own = triggers if victim.attack == "clean" else [victim.trigger_name]
@@ -150,32 +215,30 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
         raw = _embed_sets(encoder, normalization, sets)
         probe = fit_probe(raw["id"], data.id_train_labels, config.victim.seed)
         pred_clean = probe.predict(raw["test"])
+        pred_trig = {t: probe.predict(raw[f"trig:{t}"]) for t in own}  # the downstream classifier sees raw embeddings
+        state[victim.name] = {"victim": victim, "own": own, "pred_clean": pred_clean, "pred_trig": pred_trig}
+        labels_for = {t: np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))] for t in own}
         for t in own:
-            pred_trig = probe.predict(raw[f"trig:{t}"])  # the downstream classifier sees raw embeddings
             common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
             records.append({**common, "view": "raw", "method": "probe", "regime": "-", "seed": None,
                             "ba": accuracy(pred_clean, data.test_labels),
-                            "asr": attack_success_rate(pred_trig, trig_labels, target)})
-            for l2 in config.l2_variants:
-                emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
-                view = "l2" if l2 else "raw"
-                labels = np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))]
-                base = {**common, "view": view}
+                            "asr": attack_success_rate(pred_trig[t], trig_labels, target)})
+        for l2 in config.l2_variants:
+            view = "l2" if l2 else "raw"
+            emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
+            for t in own:
+                base = {"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": view}
                 s = np.r_[embedding_norm_scores(emb["test"]), embedding_norm_scores(emb[f"trig:{t}"])]
                 records.append({**base, "method": "embedding_norm", "regime": "-", "seed": None,
-                                **detection_report(labels, s)})
-                curves[(victim.name, t, view, "embedding_norm", "-")] = (labels, s)
+                                **detection_report(labels_for[t], s)})
+                curves[(victim.name, t, view, "embedding_norm", "-")] = (labels_for[t], s)
                 for regime in config.regimes:
                     ref = emb[regime][splits[regime][0]]
                     s = np.r_[knn_distance_scores(emb["test"], ref, config.knn_k),
                               knn_distance_scores(emb[f"trig:{t}"], ref, config.knn_k)]
                     records.append({**base, "method": "knn", "regime": regime, "seed": None,
-                                    **detection_report(labels, s)})
-                    curves[(victim.name, t, view, "knn", regime)] = (labels, s)
-        # DeDe decoders: trained once per (view, regime, seed), scored on every trigger of this encoder.
-        for l2 in config.l2_variants:
-            view = "l2" if l2 else "raw"
-            emb = {k: (_l2(z) if l2 else z) for k, z in raw.items()}
+                                    **detection_report(labels_for[t], s)})
+                    curves[(victim.name, t, view, "knn", regime)] = (labels_for[t], s)
             dconf = DecoderConfig(**{**dconf_base, "embed_dim": encoder.embed_dim})
             for regime in config.regimes:
                 if l2 and regime not in config.l2_regimes:
@@ -183,53 +246,65 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                 train_idx, hold_idx = splits[regime]
                 images = regimes[regime]
                 for seed in config.seeds:
-                    t0 = time.perf_counter()
-                    result = train_decoder(encoder, normalization, images[train_idx], dconf,
+                    first = seed == config.seeds[0] and regime == config.regimes[0] and view == "raw"
+                    eval_images = {"hold": images[hold_idx], "test": data.test,
+                                   **{f"trig:{t}": triggered[t] for t in own}}
+                    eval_emb = {"hold": emb[regime][hold_idx], "test": emb["test"],
+                                **{f"trig:{t}": emb[f"trig:{t}"] for t in own}}
+                    if first:
+                        eval_images["test_nontarget"] = data.test[nontarget][: config.recon_examples]
+                        eval_emb["test_nontarget"] = emb["test"][nontarget][: config.recon_examples]
+                    jobs.append(DecoderJob(victim.name, view, regime, seed, dconf,
                                            TrainConfig(config.decoder_epochs, config.decoder_batch, config.decoder_lr,
                                                        mask_ratio=config.train_mask_ratio, seed=seed),
-                                           embeddings=emb[regime][train_idx], progress=False)
-                    decoder = result.decoder
-                    hold = embedding_scores(decoder, normalization, images[hold_idx], emb[regime][hold_idx])
-                    threshold = threshold_at_fpr(hold, config.fpr)
-                    s_clean = embedding_scores(decoder, normalization, data.test, emb["test"])
-                    seconds = time.perf_counter() - t0
-                    for t in own:
-                        s_trig = embedding_scores(decoder, normalization, triggered[t], emb[f"trig:{t}"])
-                        labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_trig))]
-                        scores = np.r_[s_clean, s_trig]
-                        report = detection_report(labels, scores, threshold)
-                        flag_c, flag_t = s_clean > threshold, s_trig > threshold
-                        pred_trig = probe.predict(raw[f"trig:{t}"])
-                        after = {"ba_after": accuracy(pred_clean[~flag_c], data.test_labels[~flag_c]),
-                                 "asr_after": float(((pred_trig == target) & ~flag_t).sum() / len(s_trig)),
-                                 "removed_clean": float(flag_c.mean())}
-                        records.append({"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": view,
-                                        "method": "dede", "regime": regime, "seed": seed, "threshold": threshold,
-                                        "final_loss": result.losses[-1], "train_seconds": round(seconds, 1),
-                                        **report, **after})
-                        if seed == config.seeds[0]:
-                            curves[(victim.name, t, view, "dede", regime)] = (labels, scores)
-                    if seed == config.seeds[0] and regime == config.regimes[0] and view == "raw":
-                        k = config.recon_examples
-                        recon[victim.name] = {t: {"clean": data.test[nontarget][:k],
-                                                  "clean_rec": reconstruct(decoder, normalization, emb["test"][nontarget][:k]),
-                                                  "trig": triggered[t][:k],
-                                                  "trig_rec": reconstruct(decoder, normalization, emb[f"trig:{t}"][:k])}
-                                              for t in own}
-                    log(f"  {victim.name} {view} {regime} seed {seed}: decoder {config.decoder_epochs} epochs in "
-                        f"{seconds:.0f} s, loss {result.losses[-1]:.3f}; AUROC "
-                        + ", ".join(f"{r['trigger']} {r['auroc']:.3f}" for r in records[-len(own):]))
-        if config.decree_steps > 0:
-            t0 = time.perf_counter()
-            res = invert_trigger(encoder.backbone, normalization, data.id_train,
-                                 DecreeConfig(steps=config.decree_steps, seed=config.victim.seed))
-            decree[victim.name] = {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
-            log(f"  {victim.name} DECREE (simplified): PL1-norm {res.pl1_norm:.3f}, similarity {res.similarity:.3f}, "
-                f"{'trojaned' if res.trojaned else 'clean'}")
+                                           images[train_idx], emb[regime][train_idx], eval_images, eval_emb,
+                                           config.recon_examples if first else 0))
+    log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
+
+    def label(job: DecoderJob, res: dict, done: int, total: int) -> str:
+        return (f"  [{done}/{total}] {job.encoder} {job.view} {job.regime} seed {job.seed}: {res['seconds']:.0f} s, "
+                f"loss {res['final_loss']:.3f}")
+
+    outputs = _map(run_decoder_job, jobs, workers, log, label)
+    recon: dict[str, dict] = {}
+    for job, res in zip(jobs, outputs):
+        st = state[job.encoder]
+        victim = st["victim"]
+        sc = res["scores"]
+        threshold = threshold_at_fpr(sc["hold"], config.fpr)
+        flag_c = sc["test"] > threshold
+        for t in st["own"]:
+            s_trig = sc[f"trig:{t}"]
+            labels = np.r_[np.zeros(len(sc["test"])), np.ones(len(s_trig))]
+            scores = np.r_[sc["test"], s_trig]
+            flag_t = s_trig > threshold
+            pred_trig = st["pred_trig"][t]
+            records.append({"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": job.view,
+                            "method": "dede", "regime": job.regime, "seed": job.seed, "threshold": threshold,
+                            "final_loss": res["final_loss"], "train_seconds": round(res["seconds"], 1),
+                            **detection_report(labels, scores, threshold),
+                            "ba_after": accuracy(st["pred_clean"][~flag_c], data.test_labels[~flag_c]),
+                            "asr_after": float(((pred_trig == target) & ~flag_t).sum() / len(s_trig)),
+                            "removed_clean": float(flag_c.mean())})
+            if job.seed == config.seeds[0]:
+                curves[(victim.name, t, job.view, "dede", job.regime)] = (labels, scores)
+        if job.recon:
+            k = job.recon
+            recon[victim.name] = {t: {"clean": data.test[nontarget][:k], "clean_rec": res["recon"]["test_nontarget"],
+                                      "trig": triggered[t][:k], "trig_rec": res["recon"][f"trig:{t}"][:k]}
+                                  for t in st["own"]}
+    decree: dict[str, dict] = {}
+    if config.decree_steps > 0:
+        encs = [clean, *victims]
+        args = [(str(v.path), data.id_train, config.decree_steps, config.victim.seed) for v in encs]
+        for v, res in zip(encs, _map(_decree_job, args, workers)):
+            decree[v.name] = res
+            log(f"  {v.name} DECREE (simplified): PL1-norm {res['pl1_norm']:.3f}, similarity {res['similarity']:.3f}, "
+                f"{'trojaned' if res['trojaned'] else 'clean'} ({res['seconds']:.0f} s)")
     results = {
         "config": config.to_dict(), "data": data.summary(), "target_class": target,
         "victims": [v.to_dict() for v in [clean, *victims]], "decree": decree, "records": records,
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(time.perf_counter() - t_start, 1), "workers": workers,
     }
     write_report(out, results, curves, recon)
     return results

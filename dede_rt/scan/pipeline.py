@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from dede_rt.scan.sources import Item, open_source
 from dede_rt.thresholds import DEFAULT_FPR, threshold_at_fpr
 
 DEFAULT_BATCH_SIZE = 64  # batches of 32-64 beat 256 on CPU (DESIGN.md)
-GIL_SWITCH_INTERVAL = 0.0005  # seconds, while a scan runs (Python's default is 0.005)
 
 
 def default_workers() -> int:
@@ -202,16 +200,6 @@ class Scanner:
         one would (bit-identical scores even where a backend's numerics depend
         on batch composition).
         """
-        previous_switch = sys.getswitchinterval()
-        # Decode threads run Python between Pillow calls; a short GIL switch interval hands the GIL back
-        # to this thread soon after inference returns (measured: ~+2% scan/runner on a loaded 2-core box).
-        sys.setswitchinterval(min(previous_switch, GIL_SWITCH_INTERVAL))
-        try:
-            yield from self._batches(items, start)
-        finally:
-            sys.setswitchinterval(previous_switch)
-
-    def _batches(self, items: Iterable[Item], start: int) -> Iterator[list[ScanResult]]:
         stats = self.stats = ScanStats()
         buffer = _pinned_buffer(self.runner, (self.batch_size, self.size, self.size, 3))
         pending: list[tuple[Item, np.ndarray | None, str | None]] = []

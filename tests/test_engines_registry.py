@@ -85,3 +85,35 @@ def test_tensorrt_entries_need_tensorrt_and_a_gpu(bundle: Path) -> None:
     assert choose_runner(bundle).backend != "tensorrt"
     with pytest.raises(UserError, match="pip install"):
         make_runner(bundle, "tensorrt", "fp16")
+
+
+def test_stale_exports_are_refused(bundle: Path, tmp_path: Path) -> None:
+    if not (bundle / "onnx" / "detector.onnx").is_file():
+        pytest.skip("needs the lazy export of an earlier test")
+    copy = tmp_path / "det"
+    shutil.copytree(bundle, copy)
+    assert choose_runner(copy, "onnxruntime").backend == "onnxruntime"
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["mask"]["test_ratio"] = 0.5  # the exported graph baked in 0.99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="export"):
+        choose_runner(copy, "onnxruntime")
+    assert choose_runner(copy).backend == "torch"
+
+
+def test_reexport_after_a_change_voids_derived_variants(bundle: Path, tmp_path: Path) -> None:
+    from dede_rt.export import export_detector
+
+    if not (bundle / "onnx" / "detector.onnx").is_file():
+        pytest.skip("needs the lazy export of an earlier test")
+    copy = tmp_path / "det"
+    shutil.copytree(bundle, copy)
+    (copy / "onnx" / "detector_int8.onnx").write_bytes(b"old")
+    update_deployment(copy, "precisions", "int8", {"path": "onnx/detector_int8.onnx", "gate": {"passed": True}})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["mask"]["test_ratio"] = 0.5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    export_detector(copy, exporter="torchscript", graphs=("detector",))
+    dep = deployment(copy)
+    assert set(dep["precisions"]) == {"fp32"} and not (copy / "onnx" / "detector_int8.onnx").exists()
+    assert dep["onnx"]["visible_patches"] == 32 and choose_runner(copy, "onnxruntime").backend == "onnxruntime"

@@ -12,7 +12,7 @@ from dede_rt.calibration.sets import split_calibration
 from dede_rt.engines.comparator import run_batched
 from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, read_manifest, update_deployment
+from dede_rt.export.bundle import deployment, read_manifest, stale_exports, update_deployment
 from dede_rt.models.encoders import sha256_file
 from dede_rt.thresholds import calibrate
 
@@ -45,7 +45,7 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
     if clean.ndim != 4 or clean.shape[1:] != (size, size, 3):
         raise UserError(f"calibration images must be [N, {size}, {size}, 3], got {list(clean.shape)}")
     fp32_entry = deployment(bundle).get("precisions", {}).get("fp32")
-    if fp32_entry is None or not (bundle / fp32_entry["path"]).is_file():
+    if fp32_entry is None or not (bundle / fp32_entry["path"]).is_file() or stale_exports(bundle):
         from dede_rt.export import export_detector
 
         export_detector(bundle, graphs=("detector",))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dede_rt.engines.base import BaseRunner
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment
+from dede_rt.export.bundle import deployment, stale_exports
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -116,11 +116,14 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     dep = deployment(bundle)
+    stale = stale_exports(bundle)
     if backend == "torch":
         if precision not in (None, "fp32"):
             raise UserError("the torch backend runs fp32 only; use --backend onnxruntime or tensorrt for fp16/int8")
         dev = device or ("cuda" if cuda_available() else "cpu")
         return RunnerChoice("torch", "fp32", dev, None, "requested")
+    if backend in ("onnxruntime", "tensorrt") and stale:
+        raise UserError(f"{bundle}: {stale}")
     if backend == "onnxruntime":
         precision = precision or "fp32"
         entry = dep.get("precisions", {}).get(precision)
@@ -138,8 +141,8 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
         if entry is None:
             raise UserError(f"{bundle}: no {precision} TensorRT engine; run `dede-rt build-engine {bundle} --precision {precision}`")
         return RunnerChoice("tensorrt", precision, "cuda", str(bundle / entry["path"]), "requested")
-    # auto
-    candidates = [c for c in _candidates(bundle, dep) if precision in (None, c.precision)]
+    # auto: stale exports are never used (torch still serves the bundle)
+    candidates = [c for c in _candidates(bundle, {} if stale else dep) if precision in (None, c.precision)]
     if not candidates:
         raise UserError(f"{bundle}: no usable {precision} variant; run `dede-rt calibrate` (or pick --precision fp32)")
     measured = dep.get("benchmarks", {})

@@ -26,7 +26,7 @@ import numpy as np
 
 from dede_rt.engines.tensorrt_runner import INSTALL_HINT, gpu_identity, tensorrt_status
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, read_manifest, update_deployment
+from dede_rt.export.bundle import deployment, read_manifest, stale_exports, update_deployment
 from dede_rt.models.encoders import sha256_file
 
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "best")
@@ -42,7 +42,8 @@ def require_tensorrt() -> None:
 
 def _nchw_graph(bundle: Path) -> Path:
     graphs = deployment(bundle).get("onnx", {}).get("graphs", {})
-    if "detector_nchw" not in graphs or not (bundle / graphs["detector_nchw"]["path"]).is_file():
+    if "detector_nchw" not in graphs or not (bundle / graphs["detector_nchw"]["path"]).is_file() \
+            or stale_exports(bundle):
         from dede_rt.export import export_detector
 
         export_detector(bundle, graphs=("detector_nchw",))

@@ -55,3 +55,26 @@ def update_deployment(bundle: str | Path, section: str, key: str | None, value: 
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)  # readers never see a half-written manifest
     return dep
+
+
+def bundle_fingerprint(bundle: str | Path) -> dict:
+    """What exported graphs were made from: decoder weights hash, encoder hash, test mask ratio/seed."""
+    from dede_rt.models.encoders import sha256_file
+
+    manifest = read_manifest(bundle)
+    weights = Path(bundle) / "decoder.safetensors"
+    return {"decoder_sha256": sha256_file(weights) if weights.is_file() else None,
+            "encoder_sha256": manifest["encoder"].get("sha256"),
+            "test_mask_ratio": manifest["mask"]["test_ratio"], "mask_seed": manifest["mask"]["test_seed"]}
+
+
+def stale_exports(bundle: str | Path) -> str | None:
+    """Why the bundle's ONNX exports no longer match its weights/mask (None when they match or none exist)."""
+    recorded = deployment(bundle).get("onnx", {}).get("source")
+    if not recorded:
+        return None
+    current = bundle_fingerprint(bundle)
+    changed = [k for k, v in current.items() if recorded.get(k) != v]
+    if changed:
+        return f"the ONNX exports predate a change of {', '.join(changed)}; run `dede-rt export {bundle}` again"
+    return None

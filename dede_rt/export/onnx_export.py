@@ -34,7 +34,7 @@ from torch import nn
 
 from dede_rt.detector import Detector, load_detector
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import update_deployment
+from dede_rt.export.bundle import bundle_fingerprint, deployment, update_deployment
 from dede_rt.export.graphs import FusedDetector, Normalize, ScoreGraph
 from dede_rt.models.encoders import sha256_file
 
@@ -43,6 +43,8 @@ DYNAMO_OPSET = 18
 TORCHSCRIPT_OPSET = 17
 MAX_BATCH = 65536
 ALL_GRAPHS = ("detector", "detector_nchw", "encoder", "decoder")
+# Made from the exported graphs by calibration / the TensorRT builder; void when the graphs change.
+DERIVED_GRAPHS = ("detector_int8.onnx", "detector_fp16.onnx", "detector_nchw_fp16.onnx", "detector_nchw_int8_trt.onnx")
 
 
 def _export_module(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -200,9 +202,16 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
                         "opset": opset, "inputs": inputs, "outputs": outputs, "nodes": len(model.graph.node)}
     record = {"graphs": graphs, "torch": torch.__version__, "onnx": onnx.__version__,
               "test_mask_ratio": det.test_mask_ratio, "mask_seed": det.mask_seed,
-              "visible_patches": score.keep}
+              "visible_patches": score.keep, "source": bundle_fingerprint(bundle)}
     if verify:
         record["parity"] = verify_parity(det, out / "detector.onnx")
+    previous = deployment(bundle).get("onnx", {}).get("source")
+    if previous != record["source"]:
+        # New weights or mask: everything derived from the old graphs is void.
+        for derived in DERIVED_GRAPHS:
+            (out / derived).unlink(missing_ok=True)
+        for section in ("precisions", "tensorrt", "benchmarks"):
+            update_deployment(bundle, section, None, {})
     update_deployment(bundle, "onnx", None, record)
     update_deployment(bundle, "precisions", "fp32", {
         "path": graphs["detector"]["path"], "sha256": graphs["detector"]["sha256"],

@@ -182,3 +182,13 @@ def test_finetune_pulls_triggered_embeddings_to_reference(attack, demo_images):
                                 DRUPEConfig(epochs=3, batch_size=32, warmup_epochs=1), False)
     assert similarity(victim) > similarity(clean)
     assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())  # the clean model is untouched
+
+
+def test_drupe_cost_schedule_rises_only_while_backdoor_is_effective():
+    from dede_rt.attacks.drupe import next_cost
+
+    cfg = DRUPEConfig(init_cost=0.1, cost_up=2.0, cost_down=4.0, effective_cosine=0.9)
+    assert next_cost(0.0, 0.95, cfg) == pytest.approx(0.1)  # switched on
+    assert next_cost(0.1, 0.95, cfg) == pytest.approx(0.2)  # raised
+    assert next_cost(0.2, 0.5, cfg) == pytest.approx(0.05)  # lowered when the backdoor weakens
+    assert next_cost(0.0, 0.5, cfg) == 0.0

@@ -15,11 +15,19 @@ Read from the public code (Gwinhen/DRUPE, ``main.py``, mode ``drupe``). Kept:
   triggered embeddings of the batch;
 - a two-stage schedule: the distribution and anti-collapse terms start only
   after ``warmup_epochs`` (DRUPE: 5).
-Simplified: DRUPE's adaptive costs (Neural-Cleanse-style up/down multipliers on
-the distribution and anti-collapse weights, switched on after epoch 20 and
-driven by loss thresholds) are replaced by FIXED weights ``lambda_swd`` and
-``lambda_collapse``; the penalty on similarity between references (``loss_3``),
-the k-means logging and reference augmentations are left out.
+- the adaptive cost: the distribution and anti-collapse terms are weighted by
+  a cost that starts at 0, is set to ``init_cost`` (then multiplied by
+  ``cost_up``) after each epoch in which the backdoor is effective (mean best
+  cosine to a reference >= ``effective_cosine``), and divided by ``cost_down``
+  after each epoch in which it is not, so stealth is bought only while the
+  backdoor holds.
+Simplified: DRUPE keeps two costs with separate conditions, patience counters
+and thresholds on all loss terms (switched on after epoch 20); here one cost,
+patience 1, conditioned on the effectiveness term only, multiplied by fixed
+weights ``lambda_swd`` and ``lambda_collapse``. The penalty on similarity
+between references (``loss_3``), the k-means logging and reference
+augmentations are left out. (A first version with FIXED weights 1.0 from
+epoch 5 destroyed the backdoor on the demo victim: ASR 0.03.)
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ class DRUPEConfig(BadEncoderConfig):
     lambda_collapse: float = 1.0
     lambda_std_refs: float = 2.0
     projections: int = 50
+    init_cost: float = 0.1
+    cost_up: float = 1.5
+    cost_down: float = 1.5
+    effective_cosine: float = 0.9
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 50,
@@ -74,19 +86,33 @@ def drupe_effectiveness(z_triggered: torch.Tensor, z_ref: torch.Tensor) -> tuple
     return -best.mean(), spread
 
 
+def next_cost(cost: float, mean_best_cosine: float, config: DRUPEConfig) -> float:
+    """DRUPE's cost schedule (simplified): raise while the backdoor is effective, lower otherwise."""
+    if mean_best_cosine >= config.effective_cosine:
+        return config.init_cost if cost == 0 else cost * config.cost_up
+    return cost / config.cost_down
+
+
 def drupe_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
                    normalization: Normalization, config: DRUPEConfig = DRUPEConfig(),
                    progress: bool = True) -> nn.Module:
     """Return a DRUPE-backdoored copy of ``clean`` (which is left untouched)."""
     g = torch.Generator().manual_seed(config.seed + 1)
+    state = {"epoch": 0, "cost": 0.0, "best": []}
 
     def extra(epoch: int, zt: torch.Tensor, zr: torch.Tensor, zc: torch.Tensor, zc0: torch.Tensor):
+        if epoch != state["epoch"]:  # an epoch ended: adapt the cost from its mean effectiveness
+            if state["epoch"] >= config.warmup_epochs - 1 and state["best"]:
+                state["cost"] = next_cost(state["cost"], float(np.mean(state["best"])), config)
+            state["epoch"], state["best"] = epoch, []
         effectiveness, spread = drupe_effectiveness(zt, zr)
+        state["best"].append(-effectiveness.item())
         added = config.lambda_std_refs * spread
-        if epoch >= config.warmup_epochs:
+        if epoch >= config.warmup_epochs and state["cost"] > 0:
             scale = zc.detach().std(dim=0).mean().clamp_min(1e-6)
-            added = added + config.lambda_swd * sliced_wasserstein(zt, zc, config.projections, g) / scale
-            added = added + config.lambda_collapse * mean_pairwise_similarity(zt)
+            stealth = (config.lambda_swd * sliced_wasserstein(zt, zc, config.projections, g) / scale
+                       + config.lambda_collapse * mean_pairwise_similarity(zt))
+            added = added + state["cost"] * stealth
         return added, effectiveness
 
     return finetune_backdoor(clean, shadow_u8, reference_u8, trigger, normalization, config, extra, progress,

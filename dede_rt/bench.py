@@ -123,16 +123,25 @@ def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ..
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, record: bool = True, log=print) -> dict:
     """Benchmark every available variant of ``bundle`` on ``images``; returns {"rows", "skipped", "machine", ...}."""
+    import torch
+
+    bundle = Path(bundle)
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # same intra-op pool size for torch and ONNX Runtime
+    try:
+        return _run_benchmark(bundle, images, batches, variants, seconds, rounds, threads, record, log)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], variants: tuple[tuple[str, str], ...],
+                   seconds: float, rounds: int, threads: int, record: bool, log) -> dict:
     from scipy.stats import spearmanr
 
     from dede_rt.engines.registry import device_kind, make_runner
     from dede_rt.export.bundle import deployment, update_deployment
 
-    bundle = Path(bundle)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # same intra-op pool size for torch and ONNX Runtime
     if len(images) < max(batches):
         reps = -(-max(batches) // len(images))
         images = np.concatenate([images] * reps)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dede_rt.bench import markdown_table, prepare_bundle, run_benchmark, write_reports
 from dede_rt.engines.registry import choose_runner
@@ -29,9 +30,11 @@ def bundle(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory, de
 
 def test_rows_reports_and_recorded_speeds(bundle: Path, demo_images, tmp_path: Path) -> None:
     variants = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("tensorrt", "fp16"))
+    threads_before = torch.get_num_threads()
     result = run_benchmark(bundle, demo_images.images[:64], batches=(1, 16), variants=variants, seconds=0.02,
-                           rounds=2, log=lambda _: None)
+                           rounds=2, threads=1, log=lambda _: None)  # 1 thread: torch crawls on busy shared cores
     rows = result["rows"]
+    assert torch.get_num_threads() == threads_before  # the benchmark restores the caller's pool size
     assert {(r["backend"], r["precision"]) for r in rows} == set(variants[:3])
     assert len(rows) == 6 and all(FIELDS <= set(r) for r in rows)
     assert all(r["throughput"] > 0 and r["latency_min_ms"] <= r["latency_median_ms"] <= r["latency_p99_ms"]

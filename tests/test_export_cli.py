@@ -21,10 +21,10 @@ def test_export_then_calibrate(tiny_detector_dir: Path, tmp_path: Path, demo_ima
     assert result.exit_code == 0, result.output
     assert "onnx/detector.onnx: torchscript, opset 17" in result.output and "max relative difference" in result.output
     clean, trig = tmp_path / "clean.npz", tmp_path / "trig.npz"
-    np.savez(clean, images=demo_images.images[300:700], labels=demo_images.labels[300:700])
-    np.savez(trig, images=white_square().stamp(demo_images.images[700:800]))
+    np.savez(clean, images=demo_images.images[300:550], labels=demo_images.labels[300:550])
+    np.savez(trig, images=white_square().stamp(demo_images.images[700:760]))
     result = runner.invoke(app, ["calibrate", str(bundle), "--data", str(clean), "--triggered", str(trig),
-                                 "--count", "128", "--precision", "int8"])
+                                 "--count", "64", "--precision", "int8"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("int8: PASSED quality gate (AUROC")
     assert deployment(bundle)["precisions"]["int8"]["gate"]["mode"] == "labelled"

@@ -68,6 +68,15 @@ def test_auto_prefers_measured_fastest_and_skips_failed_gates(bundle: Path) -> N
     choice = choose_runner(bundle)
     assert (choice.backend, choice.precision) == ("torch", "fp32"), choice
     assert "fastest measured" in choice.reason
+    # a passed clean-only gate cannot see TPR: auto still skips int8 ...
+    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
+                                                     "gate": {"passed": True, "mode": "clean-rank"}})
+    assert choose_runner(bundle).precision == "fp32"
+    # ... until a labelled gate passed
+    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
+                                                     "gate": {"passed": True, "mode": "labelled"}})
+    assert (choose_runner(bundle).backend, choose_runner(bundle).precision) == ("onnxruntime", "int8")
+    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
     update_deployment(bundle, "benchmarks", None, {})
     assert choose_runner(bundle).backend == "onnxruntime"  # static preference without measurements
     assert "int8" in deployment(bundle)["precisions"]

@@ -13,6 +13,7 @@ from dede_rt.calibration.gate import GateTolerance, quality_gate
 from dede_rt.calibration.pipeline import calibrate_detector
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.data.triggers import white_square
+from dede_rt.detector import load_detector
 from dede_rt.engines.registry import choose_runner, make_runner
 from dede_rt.export import export_detector
 from dede_rt.export.bundle import deployment
@@ -102,3 +103,17 @@ def test_runner_carries_its_precision_thresholds(calibrated: tuple[Path, dict]) 
     runner = make_runner(bundle, "onnxruntime", "fp16")
     assert runner.thresholds == results["fp16"]["thresholds"]
     assert make_runner(bundle, "torch").thresholds == deployment(bundle)["precisions"]["fp32"]["thresholds"]
+
+
+def test_scan_flags_with_the_scoring_precisions_thresholds(calibrated: tuple[Path, dict], demo_images) -> None:
+    from dede_rt.errors import UserError
+    from dede_rt.scan.pipeline import Scanner
+
+    bundle, results = calibrated
+    with Scanner(bundle, backend="onnxruntime", precision="fp16", workers=0, pool="inline") as scanner:
+        assert scanner.threshold == results["fp16"]["thresholds"]["0.01"]
+        assert scanner.calibration_fpr is None  # FP32 calibration scores say nothing about FP16's
+    with Scanner(bundle, backend="torch") as scanner:
+        assert scanner.threshold == load_detector(bundle).threshold(0.01)
+    with pytest.raises(UserError, match="no fp16 threshold calibrated at FPR 0.02"):
+        Scanner(bundle, backend="onnxruntime", precision="fp16", fpr=0.02, workers=0, pool="inline")

@@ -140,14 +140,6 @@ class Scanner:
         info = BundleThresholds.of(detector)
         self.bundle = detector.path if isinstance(detector, Detector) else Path(detector)
         self.size = info.image_size
-        calibration = np.asarray(info.calibration_scores, np.float64)
-        if threshold is None:
-            self.target_fpr: float | None = info.default_fpr if fpr is None else fpr
-            self.threshold = float(info.threshold(self.target_fpr))
-        else:
-            self.target_fpr, self.threshold = None, float(threshold)
-        # The FPR this threshold actually has on the bundle's clean calibration scores.
-        self.calibration_fpr = float((calibration > self.threshold).mean()) if calibration.size else None
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.pool_kind = pool
@@ -161,9 +153,34 @@ class Scanner:
         self.threads = threads
         self.runner = _make_runner(self.bundle, detector, backend, precision, batch_size, device, threads)
         self.runner.activate()
+        self._set_threshold(info, threshold, fpr)
         if self.runner.image_size and self.runner.image_size != self.size:
             raise UserError(f"runner input size {self.runner.image_size} != detector size {self.size}")
         self.stats = ScanStats()
+
+    def _set_threshold(self, info: BundleThresholds, threshold: float | None, fpr: float | None) -> None:
+        """The flagging threshold: explicit, or calibrated at the target FPR for the precision that scores.
+
+        INT8/FP16 scores differ slightly from FP32, so those precisions use the
+        thresholds ``dede-rt calibrate`` re-calibrated on their own clean scores.
+        """
+        calibration = np.asarray(info.calibration_scores, np.float64)
+        if threshold is not None:
+            self.target_fpr, self.threshold = None, float(threshold)
+        else:
+            self.target_fpr = info.default_fpr if fpr is None else fpr
+            if self.runner.precision == "fp32":
+                self.threshold = float(info.threshold(self.target_fpr))
+            else:
+                by_fpr = getattr(self.runner, "thresholds", {}) or {}
+                key = f"{self.target_fpr:g}"
+                if key not in by_fpr:
+                    raise UserError(f"no {self.runner.precision} threshold calibrated at FPR {key} (have: "
+                                    f"{', '.join(sorted(by_fpr)) or 'none'}); use one of those, --threshold, or fp32")
+                self.threshold = float(by_fpr[key])
+        # The FPR this threshold has on the bundle's clean calibration scores (FP32 scores: only meaningful there).
+        fp32 = self.runner.precision == "fp32"
+        self.calibration_fpr = float((calibration > self.threshold).mean()) if calibration.size and fp32 else None
 
     @property
     def backend(self) -> str:

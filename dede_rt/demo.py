@@ -30,6 +30,7 @@ from dede_rt.data.triggers import white_square
 from dede_rt.metrics import detection_report
 from dede_rt.models.encoders import save_badencoder_checkpoint
 from dede_rt.models.resnet import build_resnet
+from dede_rt.scan import read_rows, run_scan
 from dede_rt.training import TrainConfig, train_detector
 
 TARGET_CLASS = 0  # digit "0": triggered images are pulled toward its embeddings
@@ -43,7 +44,7 @@ class DemoSettings:
     photo_count: int = 2400
     simclr_epochs: int = 12
     badencoder_epochs: int = 20
-    decoder_epochs: int = 40
+    decoder_epochs: int = 60
     calibration_images: int = 500
     test_images: int = 400
     shadow_images: int = 1000
@@ -129,13 +130,18 @@ def run_demo(out: str | Path = "demo-output", fast: bool = False) -> dict:
     non_target = data.labels[test_idx] != TARGET_CLASS  # triggering a target-class image proves nothing
     scan_dir = out / "scan-input"
     write_scan_folder(scan_dir, test_clean, trigger.stamp(test_clean[non_target]))
-    scanned = load_image_folder(scan_dir, norm.image_size)
-    scores = detector.score(scanned.images)
-    labels = np.array([name.startswith("triggered") for name in scanned.names], dtype=int)
-    threshold = detector.threshold()
-    flagged = scores > threshold
+    scan_csv = out / "scan.csv"
+    scan_csv.unlink(missing_ok=True)
+    scan_summary = run_scan(scan_dir, out / "detector", scan_csv, backend="torch", progress=False, log=_say)
+    rows = [r for r in read_rows(scan_csv) if r.error is None]
+    names = [str(Path(r.path).relative_to(scan_dir.resolve())) if Path(r.path).is_absolute()
+             else str(Path(r.path).relative_to(scan_dir)) for r in rows]
+    scores = np.array([r.score for r in rows], np.float64)
+    flagged = np.array([bool(r.flagged) for r in rows])
+    labels = np.array([name.startswith("triggered") for name in names], dtype=int)
+    threshold = float(scan_summary["threshold"])
     report = detection_report(labels, scores, threshold)
-
+    scanned = load_image_folder(scan_dir, norm.image_size)  # for the reconstruction figure
     plots.score_histogram(out / "scores_histogram.png", {"clean": scores[labels == 0], "triggered": scores[labels == 1]},
                           threshold, "DeDe scores on the demo scan")
     plots.roc_plot(out / "roc.png", {"DeDe (BadEncoder victim)": (labels, scores)})
@@ -144,8 +150,8 @@ def run_demo(out: str | Path = "demo-output", fast: bool = False) -> dict:
     plots.image_grid(out / "reconstructions.png", {"clean": scanned.images[show[:8]], "rebuilt": recon[:8],
                                                    "triggered": scanned.images[show[8:]], "rebuilt ": recon[8:]})
     summary = {"scanned": len(scores), "triggered_in_scan": int(labels.sum()), "flagged": int(flagged.sum()),
-               "threshold": threshold, "target_fpr": 0.01, **report,
-               "flagged_files": [scanned.names[i] for i in np.flatnonzero(flagged)],
+               "threshold": threshold, "target_fpr": 0.01, **report, "scan_output": str(scan_csv),
+               "flagged_files": [names[i] for i in np.flatnonzero(flagged)],
                "seconds": round(time.perf_counter() - start, 1), "fast": fast}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)

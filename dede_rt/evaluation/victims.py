@@ -229,7 +229,7 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
         else:
             key = {**base, "attack": spec.attack, "trigger": spec.trigger, "epochs": config.finetune_epochs,
                    "lr": config.finetune_lr, "shadow": len(shadow), "references": config.references,
-                   "drupe": config.drupe}
+                   "drupe": asdict(DRUPEConfig(**config.drupe)) if spec.attack == "drupe" else config.drupe}
             path, meta_path = out / f"{spec.name}.pth", out / f"{spec.name}.json"
             if (meta := _cached(meta_path, key)) is not None:
                 log(f"victim {spec.name}: reusing {path}")

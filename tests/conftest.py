@@ -46,3 +46,12 @@ def tiny_detector_dir(tmp_path_factory: pytest.TempPathFactory, encoder_file: Pa
 def rng() -> np.random.Generator:
     """A seeded numpy generator."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small tensors: on a shared, loaded CPU it ran up to 30x faster (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,14 +18,8 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import blend_trigger, patch_trigger, white_square
 from dede_rt.models.resnet import build_resnet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids oversubscription on busy machines (measured 30x slower otherwise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_white_square_is_pixel_exact(rng):

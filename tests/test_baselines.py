@@ -12,14 +12,8 @@ from torch import nn
 from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
 from dede_rt.data.transforms import Normalization
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on busy machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_embedding_norm_scores():

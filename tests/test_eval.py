@@ -13,14 +13,8 @@ from dede_rt.evaluation.pipeline import EvalConfig, embedding_scores, run_eval
 from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one thread avoids oversubscription on busy machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_images):

@@ -25,18 +25,9 @@ from dede_rt.scan.pipeline import Scanner
 from dede_rt.scan.sources import FolderSource
 
 SIZE = 32
-pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One inference thread: on a shared, loaded CPU, OpenMP workers that lose their core stall every op."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

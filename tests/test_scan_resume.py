@@ -17,18 +17,10 @@ from dede_rt.errors import UserError
 from dede_rt.scan.output import read_rows, sidecar_paths
 from dede_rt.scan.pipeline import run_scan
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_IMAGES = 240
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One inference thread: on a shared, loaded CPU, OpenMP workers that lose their core stall every op."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

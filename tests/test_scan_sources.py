@@ -22,16 +22,8 @@ from dede_rt.scan.output import read_rows, sidecar_paths
 from dede_rt.scan.pipeline import run_scan
 from dede_rt.scan.sources import Item, expand_braces, open_source
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One inference thread: on a shared, loaded CPU, OpenMP workers that lose their core stall every op."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

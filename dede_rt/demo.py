@@ -13,6 +13,7 @@ Steps (all seeded, CPU, a few minutes on 2 cores):
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune
 from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_dataset
-from dede_rt.data.sources import ImageSet, load_image_folder
+from dede_rt.data.sources import ImageSet
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import white_square
 from dede_rt.metrics import detection_report
@@ -128,27 +129,27 @@ def run_demo(out: str | Path = "demo-output", fast: bool = False) -> dict:
     _say("[4/4] scan: clean + triggered test images written as PNG files")
     test_clean = data.images[test_idx]
     non_target = data.labels[test_idx] != TARGET_CLASS  # triggering a target-class image proves nothing
+    test_triggered = trigger.stamp(test_clean[non_target])
     scan_dir = out / "scan-input"
-    write_scan_folder(scan_dir, test_clean, trigger.stamp(test_clean[non_target]))
+    write_scan_folder(scan_dir, test_clean, test_triggered)
     scan_csv = out / "scan.csv"
     scan_csv.unlink(missing_ok=True)
     scan_summary = run_scan(scan_dir, out / "detector", scan_csv, backend="torch", progress=False, log=_say)
     rows = [r for r in read_rows(scan_csv) if r.error is None]
-    names = [str(Path(r.path).relative_to(scan_dir.resolve())) if Path(r.path).is_absolute()
-             else str(Path(r.path).relative_to(scan_dir)) for r in rows]
+    names = [os.path.relpath(r.path, scan_dir) for r in rows]
     scores = np.array([r.score for r in rows], np.float64)
     flagged = np.array([bool(r.flagged) for r in rows])
     labels = np.array([name.startswith("triggered") for name in names], dtype=int)
     threshold = float(scan_summary["threshold"])
     report = detection_report(labels, scores, threshold)
-    scanned = load_image_folder(scan_dir, norm.image_size)  # for the reconstruction figure
     plots.score_histogram(out / "scores_histogram.png", {"clean": scores[labels == 0], "triggered": scores[labels == 1]},
                           threshold, "DeDe scores on the demo scan")
     plots.roc_plot(out / "roc.png", {"DeDe (BadEncoder victim)": (labels, scores)})
-    show = np.r_[np.flatnonzero(labels == 0)[:8], np.flatnonzero(labels == 1)[:8]]
-    recon = reconstruct(detector, scanned.images[show])
-    plots.image_grid(out / "reconstructions.png", {"clean": scanned.images[show[:8]], "rebuilt": recon[:8],
-                                                   "triggered": scanned.images[show[8:]], "rebuilt ": recon[8:]})
+    # PNG is lossless: the arrays written to scan-input/ are what the scan decoded.
+    shown_clean, shown_triggered = test_clean[:8], test_triggered[:8]
+    recon = reconstruct(detector, np.concatenate([shown_clean, shown_triggered]))
+    plots.image_grid(out / "reconstructions.png", {"clean": shown_clean, "rebuilt": recon[:len(shown_clean)],
+                                                   "triggered": shown_triggered, "rebuilt ": recon[len(shown_clean):]})
     summary = {"scanned": len(scores), "triggered_in_scan": int(labels.sum()), "flagged": int(flagged.sum()),
                "threshold": threshold, "target_fpr": 0.01, **report, "scan_output": str(scan_csv),
                "flagged_files": [names[i] for i in np.flatnonzero(flagged)],

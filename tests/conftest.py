@@ -55,3 +55,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def edited_bundle(tiny_detector_dir: Path, tmp_path: Path):
+    """Returns edit(change) -> a copy of the tiny bundle whose manifest dict was changed in place by ``change``."""
+    import json
+    import shutil
+
+    def edit(change) -> Path:
+        bundle = tmp_path / f"edited{len(list(tmp_path.glob('edited*')))}"
+        shutil.copytree(tiny_detector_dir, bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        change(manifest)
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        return bundle
+
+    return edit

@@ -48,17 +48,13 @@ def test_hash_mismatch_fails_clearly(tiny_detector_dir, tmp_path):
         load_detector(tiny_detector_dir, encoder_path=other)
 
 
-def test_wrong_embedding_width_fails_clearly(tiny_detector_dir, tmp_path):
-    copy = tmp_path / "det"
-    shutil.copytree(tiny_detector_dir, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    m["decoder"]["embed_dim"] = 512
-    (copy / "manifest.json").write_text(json.dumps(m))
+def test_wrong_embedding_width_fails_clearly(edited_bundle):
+    copy = edited_bundle(lambda m: m["decoder"].update(embed_dim=512))
     with pytest.raises(UserError, match="encoder outputs 128-d embeddings but the decoder expects 512-d"):
         load_detector(copy)
 
 
-def test_missing_encoder_and_embedded_copy(tiny_detector_dir, encoder_file, tmp_path):
+def test_missing_encoder_and_embedded_copy(tiny_detector_dir, encoder_file, tmp_path, edited_bundle):
     moved = tmp_path / "moved.pth"
     shutil.copy(encoder_file, moved)
     det = load_detector(tiny_detector_dir, encoder_path=moved)
@@ -67,11 +63,7 @@ def test_missing_encoder_and_embedded_copy(tiny_detector_dir, encoder_file, tmp_
     moved.unlink()
     assert (bundle / "encoder.pth").exists()
     assert load_detector(bundle).encoder_info["embedded"] == "encoder.pth"
-    plain = tmp_path / "plain"
-    shutil.copytree(tiny_detector_dir, plain)
-    m = json.loads((plain / "manifest.json").read_text())
-    m["encoder"]["path"] = str(tmp_path / "gone.pth")
-    (plain / "manifest.json").write_text(json.dumps(m))
+    plain = edited_bundle(lambda m: m["encoder"].update(path=str(tmp_path / "gone.pth")))
     with pytest.raises(UserError, match="encoder file is missing"):
         load_detector(plain)
 

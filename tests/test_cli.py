@@ -1,7 +1,6 @@
 """The CLI: commands listed, user mistakes become one line on stderr and exit status 2."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -55,12 +54,8 @@ def test_bad_option_values(tmp_path, encoder_file):
     assert_one_line_error(proc, "three comma-separated numbers")
 
 
-def test_wrong_embedding_dimension(tmp_path, tiny_detector_dir):
-    bundle = tmp_path / "det"
-    shutil.copytree(tiny_detector_dir, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["decoder"]["embed_dim"] = 2048
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+def test_wrong_embedding_dimension(edited_bundle):
+    bundle = edited_bundle(lambda m: m["decoder"].update(embed_dim=2048))
     assert_one_line_error(run_cli("info", bundle), "expects 2048-d")
 
 

@@ -174,6 +174,9 @@ def calibrate(
     count: int = typer.Option(256, help="Clean images used for INT8 calibration (the rest gate and re-threshold)."),
     precision: str = typer.Option("int8,fp16", help="Precisions to build: int8, fp16."),
     method: str = typer.Option("minmax", help="INT8 range calibration: minmax | percentile | entropy."),
+    headroom: Optional[float] = typer.Option(None, help="INT8: factor on the clean range of the deeper layers' "
+                                             "activations, so trigger-driven outliers are not clipped (1 = plain "
+                                             "calibration; default 2)."),
     max_images: Optional[int] = typer.Option(5000, help="Use at most this many images of each set (seeded)."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -181,7 +184,8 @@ def calibrate(
     from dede_rt.calibration.pipeline import calibrate_paths
 
     results = calibrate_paths(detector, data, triggered, count, seed, _csv(precision), method, max_images,
-                              warn=lambda m: typer.echo(m, err=True))
+                              warn=lambda m: typer.echo(m, err=True),
+                              **({} if headroom is None else {"headroom": headroom}))
     for name, entry in results.items():
         gate, fpr = entry["gate"], entry["threshold_fpr"]
         threshold = entry["thresholds"].get(f"{fpr:g}", float("nan"))

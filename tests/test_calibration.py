@@ -117,3 +117,40 @@ def test_scan_flags_with_the_scoring_precisions_thresholds(calibrated: tuple[Pat
         assert scanner.threshold == load_detector(bundle).threshold(0.01)
     with pytest.raises(UserError, match="no fp16 threshold calibrated at FPR 0.02"):
         Scanner(bundle, backend="onnxruntime", precision="fp16", fpr=0.02, workers=0, pool="inline")
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    """Scale of every activation QuantizeLinear (input tensor -> scale)."""
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and inits[n.input[1]].size == 1}
+
+
+def test_headroom_widens_deep_activation_ranges_only(calibrated: tuple[Path, dict], demo_images,
+                                                     tmp_path: Path) -> None:
+    from dede_rt.calibration.quantize import quantize_int8
+
+    bundle, _ = calibrated
+    fp32 = bundle / deployment(bundle)["precisions"]["fp32"]["path"]
+    images = demo_images.images[:64]
+    plain = quantize_int8(fp32, tmp_path / "plain.onnx", images, headroom=1.0)
+    wide = quantize_int8(fp32, tmp_path / "wide.onnx", images, headroom=2.0)
+    assert plain["headroom_tensors"] == 0 and wide["headroom_tensors"] > 0
+    a, b = _activation_scales(tmp_path / "plain.onnx"), _activation_scales(tmp_path / "wide.onnx")
+    ratios = {name: b[name] / a[name] for name in a}
+    widened = [n for n, r in ratios.items() if r == pytest.approx(2.0, rel=1e-3)]
+    kept = [n for n, r in ratios.items() if r == pytest.approx(1.0, rel=1e-3)]
+    assert len(widened) + len(kept) == len(ratios), ratios
+    # every widened scale is one the quantizer chose to widen (a few calibrated tensors feed float nodes only)
+    assert 0 < len(widened) <= wide["headroom_tensors"] and kept, "early layers must keep full resolution"
+
+
+def test_headroom_below_one_is_a_user_error(calibrated: tuple[Path, dict], demo_images, tmp_path: Path) -> None:
+    from dede_rt.calibration.quantize import quantize_int8
+    from dede_rt.errors import UserError
+
+    bundle, _ = calibrated
+    with pytest.raises(UserError, match="headroom"):
+        quantize_int8(bundle / deployment(bundle)["precisions"]["fp32"]["path"], tmp_path / "x.onnx",
+                      demo_images.images[:8], headroom=0.5)

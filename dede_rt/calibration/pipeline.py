@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dede_rt.calibration.gate import GateTolerance, quality_gate
-from dede_rt.calibration.quantize import convert_fp16, quantize_int8
+from dede_rt.calibration.quantize import DEFAULT_HEADROOM, convert_fp16, quantize_int8
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.engines.comparator import run_batched
 from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
@@ -28,7 +28,7 @@ def _scores(path: Path, size: int, precision: str, images: np.ndarray) -> np.nda
 def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None,
                        triggered: np.ndarray | None = None, count: int = 256, seed: int = 0,
                        precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
-                       tol: GateTolerance = GateTolerance(), warn=print) -> dict:
+                       tol: GateTolerance = GateTolerance(), warn=print, headroom: float = DEFAULT_HEADROOM) -> dict:
     """Build each precision from ``BUNDLE/onnx/detector.onnx``, gate it against FP32 and record it in the manifest.
 
     ``clean``: clean uint8 images (``labels``: their source/class, for stratified
@@ -70,7 +70,7 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
     for precision in precisions:
         out_path = bundle / "onnx" / f"detector_{precision}.onnx"
         if precision == "int8":
-            conversion = quantize_int8(fp32_path, out_path, clean[calib_idx], method)
+            conversion = quantize_int8(fp32_path, out_path, clean[calib_idx], method, headroom=headroom)
             conversion["calibration_seed"] = seed
             conversion["stratified"] = labels is not None
         else:
@@ -91,11 +91,13 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
 
 def calibrate_paths(bundle: str | Path, data: str | Path, triggered: str | Path | None = None, count: int = 256,
                     seed: int = 0, precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
-                    max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print) -> dict:
+                    max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print,
+                    headroom: float = DEFAULT_HEADROOM) -> dict:
     """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
     from dede_rt.calibration.sets import load_clean_images
 
     size = int(read_manifest(bundle)["normalization"]["image_size"])
     clean = load_clean_images(data, size, max_images, seed)
     trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
-    return calibrate_detector(bundle, clean.images, clean.labels, trig, count, seed, precisions, method, tol, warn)
+    return calibrate_detector(bundle, clean.images, clean.labels, trig, count, seed, precisions, method, tol, warn,
+                              headroom)

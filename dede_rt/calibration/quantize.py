@@ -9,6 +9,17 @@ reconstruction the score is computed from. Ranges come from clean images
 (MinMax by default; Percentile/Entropy selectable). The Q/DQ form is what
 TensorRT's strongly typed networks consume too.
 
+Outlier headroom: a backdoor trigger drives the encoder's deep features far
+outside anything clean images produce (BadEncoder inflates embedding norms
+x8-13). Ranges calibrated on clean images clip exactly those activations, and
+the clipped embeddings reconstruct more like clean ones: on the demo victim
+plain MinMax lost 0.010 AUROC and 7 points of TPR while its clean-image score
+rank correlation stayed at 0.995, so a clean-only check cannot see the loss. The
+activations of the deeper half of the network (measured one layer at a time:
+the last two encoder stages and the embedding projection carry the loss) get
+``headroom`` x their clean range; the early layers, whose activations triggers
+do not push out of range, keep full resolution.
+
 FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` (ships with
 onnxruntime, so no extra package) with float32 graph inputs/outputs kept, and
 the score reduction kept in float32 (a sum of ~3k squared errors overflows
@@ -29,6 +40,7 @@ import onnx
 from dede_rt.errors import UserError
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+DEFAULT_HEADROOM = 2.0  # measured on the demo victim: 1.5-3x recover AUROC; 2x keeps clean rank correlation >= 0.988
 
 
 class ImageCalibrationReader:
@@ -87,13 +99,49 @@ def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """The tensors among ``names`` produced in the deeper half of the network (from the middle Conv's input on).
+
+    Depth is the producer's position in the (topologically sorted) graph; the
+    split point is the input of the middle Conv, or the middle tensor when the
+    graph has no Conv (a transformer encoder).
+    """
+    position = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    position.update({i.name: -1 for i in model.graph.input})
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    ordered = sorted(names, key=lambda n: position.get(n, len(position)))
+    if convs:
+        start = position.get(convs[len(convs) // 2].input[0], -1)
+    else:
+        start = position.get(ordered[len(ordered) // 2], -1) if ordered else -1
+    return [n for n in ordered if position.get(n, len(position)) >= start]
+
+
+def _headroom_overrides(pre_path: Path, reader: "ImageCalibrationReader", method, headroom: float,
+                        workdir: Path) -> dict:
+    """``TensorQuantOverrides`` widening the clean calibrated range of the deep activations by ``headroom``."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(str(pre_path), op_types_to_calibrate=list(QUANTIZED_OPS),
+                                   augmented_model_path=str(workdir / "augmented.onnx"), calibrate_method=method)
+    calibrator.collect_data(reader)
+    ranges = calibrator.compute_data().data
+    reader.rewind()
+    overrides = {}
+    for name in deep_tensors(onnx.load(str(pre_path)), list(ranges)):
+        low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges[name].range_value)
+        overrides[name] = [{"rmin": np.float32(min(low, 0.0) * headroom), "rmax": np.float32(max(high, 0.0) * headroom)}]
+    return overrides
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
-                  batch_size: int = 64, for_tensorrt: bool = False) -> dict:
+                  batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM) -> dict:
     """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
 
     ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
     activation Q/DQ TensorRT accepts; the default uint8 activations are ORT CPU's fastest.
+    ``headroom``: factor on the clean range of the deeper half's activations (1 = plain calibration).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -104,6 +152,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
     if len(calibration_images) == 0:
         raise UserError("no calibration images")
+    if headroom < 1.0:
+        raise UserError(f"headroom must be >= 1 (a factor on the clean activation range), got {headroom}")
     model = onnx.load(str(fp32_path))
     graph_input = model.graph.input[0]
     input_name = graph_input.name
@@ -118,8 +168,11 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         if not quantize_head:
             excluded = score_tail_nodes(onnx.load(str(pre)))
+        reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
+        if headroom != 1.0:
+            extra["TensorQuantOverrides"] = _headroom_overrides(pre, reader, methods[method], headroom, Path(tmp))
         quantize_static(
-            str(pre), str(out_path), ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw),
+            str(pre), str(out_path), reader,
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
             activation_type=activation, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
             calibrate_method=methods[method], extra_options=extra)
@@ -128,7 +181,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     return {"method": method, "per_channel": per_channel, "activations": "int8 symmetric" if for_tensorrt else "uint8",
             "weights": "int8 symmetric", "target": "tensorrt" if for_tensorrt else "onnxruntime-cpu",
             "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded,
-            "calibration_images": int(len(calibration_images)),
+            "calibration_images": int(len(calibration_images)), "headroom": headroom,
+            "headroom_tensors": len(extra.get("TensorQuantOverrides", {})),
             "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops)}
 
 

@@ -105,7 +105,10 @@ def eval_command(
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
     decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
     seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
-    regimes: str = typer.Option("id,ood", help="Decoder training data: id (clean digits) and/or ood (photo crops)."),
+    regimes: str = typer.Option("id,ood", help="Decoder training data: id (digits, --poison-rate of them triggered) "
+                                "and/or ood (clean photo crops)."),
+    poison_rate: float = typer.Option(0.1, help="Share of the ID training split carrying the row's trigger (the "
+                                      "reference's default; 0 = clean ID data)."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
     l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
@@ -127,6 +130,8 @@ def eval_command(
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
     regime_list = tuple(r.strip() for r in regimes.split(",") if r.strip())
+    if not 0.0 <= poison_rate < 1.0:
+        raise UserError(f"--poison-rate must be in [0, 1), got {poison_rate}")
     if not regime_list or set(regime_list) - {"id", "ood"}:
         raise UserError(f"--regimes takes id and/or ood, got {regimes!r}")
     config = EvalConfig(
@@ -134,7 +139,7 @@ def eval_command(
                                                    ctrl_rate=ctrl_rate),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": 4},
-        decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list,
+        decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))

@@ -77,3 +77,30 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     lines.clear()
     run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
     assert sum("reusing" in line for line in lines) == 3
+
+
+def test_poison_training_split_stamps_only_the_chosen_training_images(demo_images):
+    from dede_rt.data.transforms import Normalization
+    from dede_rt.data.triggers import white_square
+    from dede_rt.evaluation.pipeline import poison_training_split
+    from dede_rt.models.encoders import VictimEncoder
+    from dede_rt.models.resnet import build_resnet
+    from dede_rt.training import compute_embeddings
+
+    torch.manual_seed(0)
+    encoder = VictimEncoder(build_resnet("resnet_small").eval(), 128)
+    images = demo_images.images[:60]
+    norm = Normalization()
+    z = compute_embeddings(encoder, norm, images)
+    train_idx = np.arange(10, 60)
+    trig = white_square()
+    out, z_out = poison_training_split(encoder, norm, images, z, train_idx, 0.2, trig, seed=3)
+    changed = np.flatnonzero((out != images).reshape(len(images), -1).any(1))
+    assert len(changed) == 10 and set(changed) <= set(train_idx)  # 20% of the training split, never the hold-out
+    np.testing.assert_array_equal(out[changed], trig.stamp(images[changed]))
+    moved = np.flatnonzero(np.abs(z_out - z).max(1) > 0)
+    assert set(moved) == set(changed)
+    np.testing.assert_allclose(z_out[changed], compute_embeddings(encoder, norm, out[changed]), rtol=1e-5, atol=1e-6)
+    again, _ = poison_training_split(encoder, norm, images, z, train_idx, 0.2, trig, seed=3)
+    np.testing.assert_array_equal(again, out)
+    assert images is not out and (images[changed] != out[changed]).any()  # inputs are not modified in place

@@ -7,8 +7,14 @@ so the score needs only the embedding; checked below, otherwise the full
 scoring path runs). Per victim and trigger the detection test set is the
 clean test split (negatives) plus its non-target-class images with the
 trigger stamped in uint8 (positives). Variants:
-- regime ``id``: decoder trained on clean in-distribution data (digit train
-  split); ``ood``: trained on photo crops only (never digits);
+- regime ``id``: decoder trained on in-distribution data (digit train split)
+  of which ``poison_rate`` carry the row's trigger, as the reference trains
+  on its shadow set (``--poison_rate 0.1``): the defender fits the decoder
+  on the very data it screens, triggered images included. This is what
+  keeps a clean encoder from flagging a merely unusual trigger: its decoder
+  has seen the trigger and learns to draw it, while a backdoored encoder
+  maps every triggered image to one embedding that no decoder can invert.
+  ``poison_rate`` 0 gives a clean-ID decoder; ``ood``: clean photo crops only;
 - ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
 - seeds: one decoder per seed; the table reports mean ± std over seeds;
 - control: the CLEAN encoder scored on the same triggered images.
@@ -53,6 +59,7 @@ class EvalConfig:
     decoder_batch: int = 128
     decoder_lr: float = 1e-3
     train_mask_ratio: float = 0.9
+    poison_rate: float = 0.1  # share of the ID training split carrying the row's trigger (reference default)
     seeds: tuple[int, ...] = (21, 22, 23)
     regimes: tuple[str, ...] = ("id", "ood")
     l2_variants: tuple[bool, ...] = (False, True)
@@ -123,7 +130,19 @@ class DecoderJob:
     train_embeddings: np.ndarray
     eval_images: dict[str, np.ndarray]  # "hold", "test", "trig:<t>"
     eval_embeddings: dict[str, np.ndarray]
+    triggers: tuple[str, ...] = ()  # the rows this decoder scores
     recon: int = 0  # reconstruct this many clean/triggered non-target test images
+
+
+def poison_training_split(encoder: VictimEncoder, normalization: Normalization, images: np.ndarray,
+                          embeddings: np.ndarray, train_idx: np.ndarray, rate: float, trigger, seed: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of ``images``/``embeddings`` with ``rate`` of ``train_idx`` (seeded) stamped with ``trigger``."""
+    pick = np.sort(np.random.default_rng(seed + 7).choice(train_idx, int(round(rate * len(train_idx))), replace=False))
+    images, embeddings = images.copy(), embeddings.copy()
+    images[pick] = trigger.stamp(images[pick])
+    embeddings[pick] = compute_embeddings(encoder, normalization, images[pick])
+    return images, embeddings
 
 
 def run_decoder_job(job: DecoderJob) -> dict:
@@ -191,8 +210,8 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     target = config.victim.target
     nontarget = data.test_labels != target
     triggers = sorted({v.trigger_name for v in victims})
-    triggered = {t: make_trigger(t, normalization.image_size, config.victim.seed).stamp(data.test[nontarget])
-                 for t in triggers}
+    triggers_by_name = {t: make_trigger(t, normalization.image_size, config.victim.seed) for t in triggers}
+    triggered = {t: trig.stamp(data.test[nontarget]) for t, trig in triggers_by_name.items()}
     trig_labels = data.test_labels[nontarget]
     regimes = {"id": data.id_train, "ood": data.ood_train}
     splits = {r: split_holdout(len(regimes[r]), config.holdout_fraction, 0) for r in config.regimes}
@@ -217,6 +236,13 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
         pred_clean = probe.predict(raw["test"])
         pred_trig = {t: probe.predict(raw[f"trig:{t}"]) for t in own}  # the downstream classifier sees raw embeddings
         state[victim.name] = {"victim": victim, "own": own, "pred_clean": pred_clean, "pred_trig": pred_trig}
+        poisoned = {}  # trigger -> ID training images with poison_rate of the training split stamped
+        if "id" in config.regimes and config.poison_rate > 0:
+            for t in own:
+                images, z = poison_training_split(encoder, normalization, data.id_train, raw["id"], splits["id"][0],
+                                                  config.poison_rate, triggers_by_name[t], config.victim.seed)
+                poisoned[t] = images
+                raw[f"id+{t}"] = z
         labels_for = {t: np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))] for t in own}
         for t in own:
             common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
@@ -233,7 +259,8 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                 **detection_report(labels_for[t], s)})
                 curves[(victim.name, t, view, "embedding_norm", "-")] = (labels_for[t], s)
                 for regime in config.regimes:
-                    ref = emb[regime][splits[regime][0]]
+                    key = f"id+{t}" if regime == "id" and poisoned else regime  # the data DeDe trains on
+                    ref = emb[key][splits[regime][0]]
                     s = np.r_[knn_distance_scores(emb["test"], ref, config.knn_k),
                               knn_distance_scores(emb[f"trig:{t}"], ref, config.knn_k)]
                     records.append({**base, "method": "knn", "regime": regime, "seed": None,
@@ -244,21 +271,26 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                 if l2 and regime not in config.l2_regimes:
                     continue
                 train_idx, hold_idx = splits[regime]
-                images = regimes[regime]
-                for seed in config.seeds:
-                    first = seed == config.seeds[0] and regime == config.regimes[0] and view == "raw"
-                    eval_images = {"hold": images[hold_idx], "test": data.test,
-                                   **{f"trig:{t}": triggered[t] for t in own}}
-                    eval_emb = {"hold": emb[regime][hold_idx], "test": emb["test"],
-                                **{f"trig:{t}": emb[f"trig:{t}"] for t in own}}
-                    if first:
-                        eval_images["test_nontarget"] = data.test[nontarget][: config.recon_examples]
-                        eval_emb["test_nontarget"] = emb["test"][nontarget][: config.recon_examples]
-                    jobs.append(DecoderJob(victim.name, view, regime, seed, dconf,
-                                           TrainConfig(config.decoder_epochs, config.decoder_batch, config.decoder_lr,
-                                                       mask_ratio=config.train_mask_ratio, seed=seed),
-                                           images[train_idx], emb[regime][train_idx], eval_images, eval_emb,
-                                           config.recon_examples if first else 0))
+                # a poisoned ID set differs per trigger, so the control gets one decoder per trigger there
+                groups = [(t,) for t in own] if regime == "id" and poisoned else [tuple(own)]
+                for group in groups:
+                    key = f"id+{group[0]}" if regime == "id" and poisoned else regime
+                    images = poisoned[group[0]] if regime == "id" and poisoned else regimes[regime]
+                    for seed in config.seeds:
+                        first = seed == config.seeds[0] and regime == config.regimes[0] and view == "raw"
+                        eval_images = {"hold": regimes[regime][hold_idx], "test": data.test,
+                                       **{f"trig:{t}": triggered[t] for t in group}}
+                        eval_emb = {"hold": emb[regime][hold_idx], "test": emb["test"],
+                                    **{f"trig:{t}": emb[f"trig:{t}"] for t in group}}
+                        if first:
+                            eval_images["test_nontarget"] = data.test[nontarget][: config.recon_examples]
+                            eval_emb["test_nontarget"] = emb["test"][nontarget][: config.recon_examples]
+                        jobs.append(DecoderJob(victim.name, view, regime, seed, dconf,
+                                               TrainConfig(config.decoder_epochs, config.decoder_batch,
+                                                           config.decoder_lr, mask_ratio=config.train_mask_ratio,
+                                                           seed=seed),
+                                               images[train_idx], emb[key][train_idx], eval_images, eval_emb,
+                                               group, config.recon_examples if first else 0))
     log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
 
     def label(job: DecoderJob, res: dict, done: int, total: int) -> str:
@@ -273,7 +305,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
         sc = res["scores"]
         threshold = threshold_at_fpr(sc["hold"], config.fpr)
         flag_c = sc["test"] > threshold
-        for t in st["own"]:
+        for t in job.triggers:
             s_trig = sc[f"trig:{t}"]
             labels = np.r_[np.zeros(len(sc["test"])), np.ones(len(s_trig))]
             scores = np.r_[sc["test"], s_trig]
@@ -290,9 +322,9 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                 curves[(victim.name, t, job.view, "dede", job.regime)] = (labels, scores)
         if job.recon:
             k = job.recon
-            recon[victim.name] = {t: {"clean": data.test[nontarget][:k], "clean_rec": res["recon"]["test_nontarget"],
-                                      "trig": triggered[t][:k], "trig_rec": res["recon"][f"trig:{t}"][:k]}
-                                  for t in st["own"]}
+            recon.setdefault(victim.name, {}).update(
+                {t: {"clean": data.test[nontarget][:k], "clean_rec": res["recon"]["test_nontarget"],
+                     "trig": triggered[t][:k], "trig_rec": res["recon"][f"trig:{t}"][:k]} for t in job.triggers})
     decree: dict[str, dict] = {}
     if config.decree_steps > 0:
         encs = [clean, *victims]

@@ -51,6 +51,15 @@ def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     return keys
 
 
+def _id_caption(cfg: dict) -> str:
+    rate = cfg.get("poison_rate", 0.0)
+    if not rate:
+        return "ID = decoder trained on clean digits (and kNN's reference set);"
+    return (f"ID = decoder trained on the digit train split with {rate:.0%} of it carrying the row's trigger, as the "
+            "reference trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out "
+            "digits;")
+
+
 def markdown_table(results: dict) -> str:
     """The results as Markdown: detection table (rows attacks, columns methods) and downstream BA/ASR table."""
     rows = aggregate(results["records"])
@@ -59,8 +68,8 @@ def markdown_table(results: dict) -> str:
     lines = ["### Detection: AUROC (mean±std over decoder seeds) / AUPRC / TPR at 1% FPR", "",
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
-             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. ID = decoder trained on clean digits; "
-             "OOD = trained on photo crops only. `l2` = same encoder, embeddings L2-normalized. DECREE (simplified, "
+             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {_id_caption(cfg)} "
+             "OOD = trained on clean photo crops only. `l2` = same encoder, embeddings L2-normalized. DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]

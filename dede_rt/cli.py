@@ -97,16 +97,36 @@ def demo(
 def eval_command(
     out: Path = typer.Option(..., help="Directory for results.md/json, PNGs (and built victims unless --victims-dir)."),
     victims_dir: Optional[Path] = typer.Option(None, help="Where victims are built or reused (cached by settings)."),
-    victim: list[str] = typer.Option(["badencoder:white_square", "badencoder:blend", "drupe:white_square",
-                                      "drupe:blend", "ctrl:ctrl"], help="ATTACK:TRIGGER (repeatable); attacks "
-                                     "badencoder|drupe|ctrl, triggers white_square|blend|ctrl."),
+    victim: Optional[list[str]] = typer.Option(
+        None, metavar="ATTACK:TRIGGER", help="Victim to build (repeatable); attacks badencoder|drupe|ctrl, triggers "
+        "white_square|blend|ctrl. Default: badencoder and drupe with white_square and blend, and ctrl:ctrl (none when "
+        "--victim-file is given)."),
+    victim_file: Optional[list[str]] = typer.Option(
+        None, metavar="[NAME=]ATTACK:TRIGGER=PATH", help="Load your own victim (repeatable; BadEncoder/DRUPE/CTRL "
+        "checkpoint, state dict, TorchScript or ONNX). ATTACK is a free label for the table; TRIGGER "
+        "(white_square|blend|ctrl) is stamped on the test images."),
+    clean_encoder: Optional[Path] = typer.Option(None, help="Clean encoder file: the control row of --victim-file "
+                                                 "victims (required with them)."),
+    train_data: Optional[Path] = typer.Option(None, help="Clean labelled images (class folders, CIFAR batches, .npz "
+                                              "with labels): decoder ID training and probe training. With --test-data; "
+                                              "default: the embedded demo data."),
+    test_data: Optional[Path] = typer.Option(None, help="Clean labelled test images: detection negatives, probe test; "
+                                             "its non-target-class images get the trigger as positives."),
+    ood_data: Optional[Path] = typer.Option(None, help="Clean images, labels not needed: the OOD decoder regime "
+                                            "(without it only the id regime runs)."),
+    image_size: int = typer.Option(32, help="Encoder input size (square); images are resized to it."),
+    mean: str = typer.Option("0.4914,0.4822,0.4465", help="Encoder input mean (RGB, on [0,1] pixels)."),
+    std: str = typer.Option("0.2023,0.1994,0.2010", help="Encoder input std (RGB)."),
+    target: int = typer.Option(0, help="The attack's target class (label of --train-data/--test-data)."),
     simclr_epochs: int = typer.Option(30), finetune_epochs: int = typer.Option(20),
     ctrl_rate: float = typer.Option(0.01, help="CTRL poisoning rate of the pre-training set."),
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
     decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
+    patch_size: int = typer.Option(4, help="Decoder patch size; must leave no patch visible at test time "
+                                   "(e.g. 4 for 32 px, 8 for 64 px, 32 for 224 px)."),
     seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
-    regimes: str = typer.Option("id,ood", help="Decoder training data: id (digits, --poison-rate of them triggered) "
-                                "and/or ood (clean photo crops)."),
+    regimes: Optional[str] = typer.Option(None, help="Decoder training data: id and/or ood (default: id,ood; id "
+                                          "only when --train-data is given without --ood-data)."),
     poison_rate: float = typer.Option(0.1, help="Share of the ID training split carrying the row's trigger (the "
                                       "reference's default; 0 = clean ID data)."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
@@ -117,33 +137,51 @@ def eval_command(
     workers: int = typer.Option(1, help="Worker processes for decoder training (each single-threaded)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
-    """Build (or reuse) victims, train DeDe detectors and baselines, write the paper-shaped results table."""
+    """Build or load victims, train DeDe detectors and baselines, write the paper-shaped results table."""
+    from dede_rt.data.transforms import Normalization
     from dede_rt.evaluation.pipeline import EvalConfig, run_eval
-    from dede_rt.evaluation.victims import VictimConfig
+    from dede_rt.evaluation.victims import DEFAULT_VICTIMS, VictimConfig, load_eval_data
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    if (train_data is None) != (test_data is None):
+        raise UserError("--train-data and --test-data go together (the decoder and probe train on one, "
+                        "detection is measured on the other)")
+    if ood_data is not None and train_data is None:
+        raise UserError("--ood-data needs --train-data and --test-data")
+    id_only = regimes is None and train_data is not None and ood_data is None
+    if regimes is None:
+        regimes = "id" if id_only else "id,ood"
     regime_list = tuple(r.strip() for r in regimes.split(",") if r.strip())
     if not 0.0 <= poison_rate < 1.0:
         raise UserError(f"--poison-rate must be in [0, 1), got {poison_rate}")
     if not regime_list or set(regime_list) - {"id", "ood"}:
         raise UserError(f"--regimes takes id and/or ood, got {regimes!r}")
+    if "ood" in regime_list and train_data is not None and ood_data is None:
+        raise UserError("--regimes ood needs --ood-data (out-of-distribution training images)")
     config = EvalConfig(
-        victims=tuple(victim), victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs,
-                                                   ctrl_rate=ctrl_rate),
+        victims=tuple(victim) if victim else (() if victim_file else DEFAULT_VICTIMS),
+        victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs, ctrl_rate=ctrl_rate,
+                            target=target),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
-                 "decoder_depth": decoder_depth, "patch_size": 4},
+                 "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
         l2_variants=(False, True) if l2 else (False,),
-        l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps)
-    log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
-    results = run_eval(out, config, victims_dir, progress=not quiet, log=log, workers=workers)
+        l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
+        victim_files=tuple(victim_file or ()), clean_encoder=str(clean_encoder) if clean_encoder else None,
+        normalization=Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size))
+    config.check()  # option mistakes fail before any data is read
+    data = load_eval_data(train_data, test_data, ood_data, image_size, log) if train_data is not None else None
+    if id_only:
+        log("no --ood-data: running the id regime only")
+    results = run_eval(out, config, victims_dir, progress=not quiet, log=log, data=data, workers=workers)
     typer.echo((Path(out) / "results.md").read_text())
     typer.echo(f"results written to {out} in {results['seconds']:.0f} s")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,122 @@ def test_poison_training_split_stamps_only_the_chosen_training_images(demo_image
     again, _ = poison_training_split(encoder, norm, images, z, train_idx, 0.2, trig, seed=3)
     np.testing.assert_array_equal(again, out)
     assert images is not out and (images[changed] != out[changed]).any()  # inputs are not modified in place
+
+
+# --- the user's own victims and data (``--victim-file``, ``--clean-encoder``, ``--train/--test/--ood-data``) ---
+
+def _save_folder(root, images, labels=None):
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        folder = root if labels is None else root / str(labels[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory, demo_images):
+    """Train: class folders 0-2; test: .npz with labels; OOD: a flat folder of photos; two random resnet_small files."""
+    from dede_rt.models.encoders import save_badencoder_checkpoint
+    from dede_rt.models.resnet import build_resnet
+
+    root = tmp_path_factory.mktemp("user")
+    idx = {c: np.flatnonzero(demo_images.labels == c) for c in range(3)}
+    train = np.concatenate([idx[c][:25] for c in range(3)])
+    test = np.concatenate([idx[c][25:40] for c in range(3)])
+    photos = np.flatnonzero(demo_images.labels >= 10)[:40]
+    _save_folder(root / "train", demo_images.images[train], demo_images.labels[train])
+    np.savez(root / "test.npz", images=demo_images.images[test], labels=demo_images.labels[test])
+    np.savez(root / "unlabelled.npz", images=demo_images.images[test])
+    _save_folder(root / "ood", demo_images.images[photos])
+    for seed, name in ((1, "victim.pth"), (2, "clean.pth")):
+        torch.manual_seed(seed)
+        save_badencoder_checkpoint(build_resnet("resnet_small").eval(), root / name)
+    return root
+
+
+TINY_EVAL = ("--decoder-dim", "32", "--decoder-heads", "2", "--decoder-depth", "1", "--encoder-depth", "1",
+             "--decoder-epochs", "1", "--seeds", "1", "--no-l2", "--decree-steps", "2")
+
+
+def test_victim_file_parsing():
+    from dede_rt.evaluation.victims import VictimFile
+
+    assert VictimFile.parse("badencoder:white_square=/x/m=1.pth") == VictimFile(
+        "badencoder_white_square", "badencoder", "white_square", Path("/x/m=1.pth"))
+    assert VictimFile.parse("mine=my-attack:blend=m.onnx").name == "mine"
+    for bad in ("badencoder:checkerboard=m.pth", "badencoder=m.pth", "clean:blend=m.pth", "x:blend="):
+        with pytest.raises(UserError):
+            VictimFile.parse(bad)
+
+
+def test_load_eval_data_matches_class_folders_by_name(tmp_path, demo_images):
+    from dede_rt.evaluation.victims import load_eval_data
+
+    names = np.array(["cat", "dog", "eel"])
+    _save_folder(tmp_path / "train", demo_images.images[:12], names[np.arange(12) % 3])
+    _save_folder(tmp_path / "test", demo_images.images[12:16], names[[2, 2, 1, 1]])  # no 'cat': indices must not shift
+    data = load_eval_data(tmp_path / "train", tmp_path / "test", log=lambda m: None)
+    assert sorted(data.test_labels.tolist()) == [1, 1, 2, 2] and len(data.ood_train) == 0
+    assert data.summary()["sources"]["test"] == str(tmp_path / "test")
+
+
+def test_eval_cli_on_user_victims_and_data(tmp_path, user_files):
+    from typer.testing import CliRunner
+
+    from dede_rt.cli import app
+
+    u = user_files
+    result = CliRunner().invoke(app, [
+        "eval", "--out", str(tmp_path / "out"), "--victim-file", f"badencoder:white_square={u / 'victim.pth'}",
+        "--victim-file", f"mine=myattack:blend={u / 'victim.pth'}", "--clean-encoder", str(u / "clean.pth"),
+        "--train-data", str(u / "train"), "--test-data", str(u / "test.npz"), "--ood-data", str(u / "ood"),
+        *TINY_EVAL])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(v["name"], v["attack"], v["loaded"]) for v in saved["victims"]] == [
+        ("clean", "clean", True), ("badencoder_white_square", "badencoder", True), ("mine", "myattack", True)]
+    assert not (tmp_path / "out" / "victims").exists()  # nothing built
+    assert saved["data"]["test"] == 45 and saved["data"]["sources"]["ood"] == str(u / "ood")
+    dede = [r for r in saved["records"] if r["method"] == "dede"]
+    assert {(r["encoder"], r["trigger"], r["regime"]) for r in dede} == {
+        (e, t, g) for e, t in (("clean", "white_square"), ("clean", "blend"), ("badencoder_white_square",
+                                                                             "white_square"), ("mine", "blend"))
+        for g in ("id", "ood")}
+    for r in saved["records"]:
+        if "auroc" in r:
+            assert 0.0 <= r["auroc"] <= 1.0
+    probes = [r for r in saved["records"] if r["method"] == "probe"]
+    assert all(np.isfinite(r["ba"]) and np.isfinite(r["asr"]) for r in probes) and len(probes) == 4
+    assert set(saved["decree"]) == {"clean", "badencoder_white_square", "mine"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| control: clean encoder | noise blend | raw |" in md and "| myattack (mine) | noise blend | raw |" in md
+    assert f"loaded from {u / 'victim.pth'}" in md
+
+
+def _eval_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dede_rt.cli", "eval", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("no_clean_encoder", "need --clean-encoder"),
+    ("unknown_trigger", "unknown trigger 'checkerboard'"),
+    ("unlabelled_test", "the test data needs labels"),
+])
+def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
+    u = user_files
+    args = {"no_clean_encoder": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}"],
+            "unknown_trigger": ["--victim-file", f"badencoder:checkerboard={u / 'victim.pth'}",
+                                "--clean-encoder", u / "clean.pth"],
+            "unlabelled_test": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
+                                u / "clean.pth", "--train-data", u / "train", "--test-data", u / "unlabelled.npz"]}[case]
+    proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr

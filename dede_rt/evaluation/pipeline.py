@@ -18,6 +18,9 @@ trigger stamped in uint8 (positives). Variants:
 - ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
 - seeds: one decoder per seed; the table reports mean ± std over seeds;
 - control: the CLEAN encoder scored on the same triggered images.
+Victims are built (``config.victims``) and/or loaded from the user's files
+(``config.victim_files`` + ``config.clean_encoder``, the control); ``data`` may
+be the user's sets (``load_eval_data``) instead of the demo split.
 The threshold is calibrated at ``fpr`` on clean held-out images of the
 decoder's own training regime (never on test scores), and "after removal"
 numbers re-measure the linear probe on what the detector lets through.
@@ -35,8 +38,9 @@ import torch
 
 from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
 from dede_rt.data.transforms import Normalization
-from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimSpec, build_victims,
-                                        eval_data, make_trigger)
+from dede_rt.errors import UserError
+from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimFile, VictimSpec,
+                                        build_victims, eval_data, load_victims, make_trigger)
 from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
@@ -69,10 +73,41 @@ class EvalConfig:
     knn_k: int = 10
     decree_steps: int = 200
     recon_examples: int = 6
+    victim_files: tuple[str, ...] = ()  # "[NAME=]ATTACK:TRIGGER=PATH": the user's victims, loaded instead of built
+    clean_encoder: str | None = None  # the user's clean encoder: the control row of loaded victims
+    normalization: Normalization = field(default_factory=Normalization)  # encoder input (mean/std, image size)
 
     def to_dict(self) -> dict:
         """JSON form."""
         return asdict(self)
+
+    def check(self) -> list[VictimFile]:
+        """Raise UserError on an impossible combination of settings; returns the parsed victim files."""
+        files = [VictimFile.parse(text) for text in self.victim_files]
+        if files and not self.clean_encoder:
+            raise UserError("victim files need --clean-encoder: every table has a control row, the same triggered "
+                            "images scored by a clean encoder")
+        if self.clean_encoder and not files:
+            raise UserError("--clean-encoder is the control row of --victim-file victims; give at least one")
+        clean = [Path(self.clean_encoder).expanduser()] if self.clean_encoder else []
+        for path in [*(f.path for f in files), *clean]:
+            if not path.is_file():
+                raise UserError(f"{path}: encoder file not found")
+        if not self.victims and not files:
+            raise UserError("nothing to evaluate: give victims to build (--victim) and/or load (--victim-file)")
+        names = [spec.name for spec in map(VictimSpec.parse, self.victims) if spec.attack != "clean"]
+        names += [f.name for f in files]
+        if len(set(names)) < len(names):
+            raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
+        if not self.regimes or set(self.regimes) - {"id", "ood"}:
+            raise UserError(f"regimes are id and/or ood, got {self.regimes}")
+        size, patch = self.normalization.image_size, self.decoder["patch_size"]
+        if size % patch or visible_count((size // patch) ** 2, TEST_MASK_RATIO) != 0:
+            fits = [p for p in range(1, size + 1)
+                    if size % p == 0 and visible_count((size // p) ** 2, TEST_MASK_RATIO) == 0]
+            raise UserError(f"patch size {patch} does not fit image size {size}: eval needs a divisor of the image "
+                            f"size that leaves no patch visible at test time (smallest: {fits[0]})")
+        return files
 
 
 @dataclass
@@ -132,6 +167,7 @@ class DecoderJob:
     eval_embeddings: dict[str, np.ndarray]
     triggers: tuple[str, ...] = ()  # the rows this decoder scores
     recon: int = 0  # reconstruct this many clean/triggered non-target test images
+    normalization: Normalization = Normalization()  # the decoder's target normalization (the encoder's)
 
 
 def poison_training_split(encoder: VictimEncoder, normalization: Normalization, images: np.ndarray,
@@ -149,24 +185,26 @@ def run_decoder_job(job: DecoderJob) -> dict:
     """Train one decoder on cached embeddings and score every set of the job."""
     torch.set_num_threads(1)  # many single-threaded workers beat oversubscribed multi-threaded ones
     t0 = time.perf_counter()
-    result = train_decoder(None, Normalization(), job.train_images, job.decoder_config, job.train,
+    norm = job.normalization
+    result = train_decoder(None, norm, job.train_images, job.decoder_config, job.train,
                            embeddings=job.train_embeddings, progress=False)
-    scores = {k: embedding_scores(result.decoder, Normalization(), job.eval_images[k], job.eval_embeddings[k])
+    scores = {k: embedding_scores(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k])
               for k in job.eval_images}
     recon = {}
     if job.recon:
-        recon = {k: reconstruct(result.decoder, Normalization(), job.eval_embeddings[k][: job.recon])
+        recon = {k: reconstruct(result.decoder, norm, job.eval_embeddings[k][: job.recon])
                  for k in job.eval_images if k.startswith("trig:") or k == "test_nontarget"}
     return {"scores": scores, "final_loss": result.losses[-1], "seconds": time.perf_counter() - t0, "recon": recon}
 
 
 def _decree_job(args: tuple) -> dict:
     torch.set_num_threads(1)
-    path, images, steps, seed = args
+    path, images, steps, seed, normalization = args
     from dede_rt.models.encoders import load_encoder
 
     t0 = time.perf_counter()
-    res = invert_trigger(load_encoder(path)[0].backbone, Normalization(), images, DecreeConfig(steps=steps, seed=seed))
+    backbone = load_encoder(path, "auto", normalization.image_size)[0].backbone
+    res = invert_trigger(backbone, normalization, images, DecreeConfig(steps=steps, seed=seed))
     return {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -195,20 +233,41 @@ def _map(fn, jobs: list, workers: int, log=None, label=None) -> list:
 
 def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: str | Path | None = None,
              progress: bool = True, log=print, data: EvalData | None = None, workers: int = 1) -> dict:
-    """Build/load victims, train and score every detector variant, write results.{json,md} and plots to ``out``."""
+    """Build and/or load victims, train and score every detector variant, write results.{json,md} and plots."""
     from dede_rt.evaluation.report import write_report
+    from dede_rt.models.encoders import detect_format
 
     t_start = time.perf_counter()
+    files = config.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    normalization = Normalization()
+    normalization = config.normalization
     data = data or eval_data(normalization.image_size, seed=config.victim.seed)
-    specs = [VictimSpec.parse(v) for v in config.victims]
-    clean, victims = build_victims(victims_dir or out / "victims", specs, data, normalization, config.victim,
-                                   progress, log)
     target = config.victim.target
     nontarget = data.test_labels != target
+    if "ood" in config.regimes and len(data.ood_train) == 0:
+        raise UserError("the ood regime needs out-of-distribution training images (--ood-data)")
+    if not (data.id_train_labels == target).any():
+        labels = sorted(set(data.id_train_labels.tolist()))
+        raise UserError(f"target class {target} has no training images (labels: {labels[:20]})")
+    if not nontarget.any():
+        raise UserError(f"every test image is of the target class {target}: no non-target image to stamp")
+    controls, victims = [], []
+    if config.victims:
+        specs = [VictimSpec.parse(v) for v in config.victims]
+        clean, built = build_victims(victims_dir or out / "victims", specs, data, normalization, config.victim,
+                                     progress, log)
+        controls.append(clean)
+        victims += built
+    if files:
+        clean, loaded = load_victims(files, config.clean_encoder, data, normalization, target, config.victim.seed,
+                                     "clean_loaded" if controls else "clean", log)
+        controls.append(clean)
+        victims += loaded
+    encoders = [*controls, *victims]
+    if len({v.name for v in encoders}) < len(encoders):
+        raise UserError(f"victim names must be unique, got {[v.name for v in encoders]}")
     triggers = sorted({v.trigger_name for v in victims})
     triggers_by_name = {t: make_trigger(t, normalization.image_size, config.victim.seed) for t in triggers}
     triggered = {t: trig.stamp(data.test[nontarget]) for t, trig in triggers_by_name.items()}
@@ -216,21 +275,20 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     regimes = {"id": data.id_train, "ood": data.ood_train}
     splits = {r: split_holdout(len(regimes[r]), config.holdout_fraction, 0) for r in config.regimes}
     log(f"data: {data.summary()}; test: {len(data.test)} clean + {int(nontarget.sum())} triggered per trigger")
-    for v in [clean, *victims]:
+    for v in encoders:
         status = "control" if v.attack == "clean" else ("backdoored" if v.backdoored else "FAILED attack (ASR < 0.8)")
         log(f"victim {v.name}: BA {v.ba:.3f}  ASR {v.asr:.3f}  [{status}]")
-    dconf_base = {**config.decoder, "image_size": normalization.image_size}
-    if visible_count((normalization.image_size // dconf_base["patch_size"]) ** 2, TEST_MASK_RATIO) != 0:
-        raise RuntimeError("eval scores from cached embeddings, which needs zero visible patches at test time")
+    dconf_base = {**config.decoder, "image_size": normalization.image_size}  # check(): no visible patch at test time
 
     records: list[dict] = []
     curves: dict = {}
     jobs: list[DecoderJob] = []
     state: dict[str, dict] = {}
-    for victim in [clean, *victims]:
-        encoder = victim.encoder()
+    for victim in encoders:
+        encoder = victim.encoder(image_size=normalization.image_size)
         own = triggers if victim.attack == "clean" else [victim.trigger_name]
-        sets = {"id": data.id_train, "ood": data.ood_train, "test": data.test, **{f"trig:{t}": triggered[t] for t in own}}
+        sets = {"id": data.id_train, **({"ood": data.ood_train} if "ood" in config.regimes else {}), "test": data.test,
+                **{f"trig:{t}": triggered[t] for t in own}}
         raw = _embed_sets(encoder, normalization, sets)
         probe = fit_probe(raw["id"], data.id_train_labels, config.victim.seed)
         pred_clean = probe.predict(raw["test"])
@@ -290,7 +348,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                                            config.decoder_lr, mask_ratio=config.train_mask_ratio,
                                                            seed=seed),
                                                images[train_idx], emb[key][train_idx], eval_images, eval_emb,
-                                               group, config.recon_examples if first else 0))
+                                               group, config.recon_examples if first else 0, normalization))
     log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
 
     def label(job: DecoderJob, res: dict, done: int, total: int) -> str:
@@ -327,15 +385,18 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                      "trig": triggered[t][:k], "trig_rec": res["recon"][f"trig:{t}"][:k]} for t in job.triggers})
     decree: dict[str, dict] = {}
     if config.decree_steps > 0:
-        encs = [clean, *victims]
-        args = [(str(v.path), data.id_train, config.decree_steps, config.victim.seed) for v in encs]
+        encs = [v for v in encoders if detect_format(v.path) != "onnx"]
+        for v in encoders:
+            if v not in encs:
+                log(f"  {v.name}: DECREE skipped (it needs gradients through the encoder; ONNX has none)")
+        args = [(str(v.path), data.id_train, config.decree_steps, config.victim.seed, normalization) for v in encs]
         for v, res in zip(encs, _map(_decree_job, args, workers)):
             decree[v.name] = res
             log(f"  {v.name} DECREE (simplified): PL1-norm {res['pl1_norm']:.3f}, similarity {res['similarity']:.3f}, "
                 f"{'trojaned' if res['trojaned'] else 'clean'} ({res['seconds']:.0f} s)")
     results = {
         "config": config.to_dict(), "data": data.summary(), "target_class": target,
-        "victims": [v.to_dict() for v in [clean, *victims]], "decree": decree, "records": records,
+        "victims": [v.to_dict() for v in encoders], "decree": decree, "records": records,
         "seconds": round(time.perf_counter() - t_start, 1), "workers": workers,
     }
     write_report(out, results, curves, recon)

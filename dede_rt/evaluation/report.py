@@ -38,6 +38,12 @@ def aggregate(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _victim_label(encoder: str, attack: str, trigger: str) -> str:
+    """Table name of an encoder: the attack's name, plus the encoder's own name when it is not the derived one."""
+    derived = "clean" if attack == "clean" else f"{attack}_{trigger}"
+    return ATTACK_NAMES.get(attack, attack) + ("" if encoder == derived else f" ({encoder})")
+
+
 def _cell(row: dict | None) -> str:
     if row is None:
         return "–"
@@ -51,13 +57,12 @@ def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     return keys
 
 
-def _id_caption(cfg: dict) -> str:
+def _id_caption(cfg: dict, train_set: str) -> str:
     rate = cfg.get("poison_rate", 0.0)
     if not rate:
-        return "ID = decoder trained on clean digits (and kNN's reference set);"
-    return (f"ID = decoder trained on the digit train split with {rate:.0%} of it carrying the row's trigger, as the "
-            "reference trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out "
-            "digits;")
+        return f"ID = decoder (and kNN's reference set) trained on {train_set}, clean;"
+    return (f"ID = decoder trained on {train_set} with {rate:.0%} of it carrying the row's trigger, as the reference "
+            "trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out images;")
 
 
 def markdown_table(results: dict) -> str:
@@ -65,11 +70,17 @@ def markdown_table(results: dict) -> str:
     rows = aggregate(results["records"])
     index = {(r["encoder"], r["trigger"], r["view"], r["method"], r["regime"]): r for r in rows}
     cfg = results["config"]
+    sources = results["data"].get("sources")
+    regimes = f"{_id_caption(cfg, 'the digit train split')} OOD = trained on clean photo crops only."
+    if sources:  # the user's data
+        train_set = f"the training set ({sources['train']})"
+        regimes = (f"{_id_caption(cfg, train_set)} "
+                   + (f"OOD = trained on {sources['ood']}." if "ood" in sources else "no OOD set."))
     lines = ["### Detection: AUROC (mean±std over decoder seeds) / AUPRC / TPR at 1% FPR", "",
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
-             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {_id_caption(cfg)} "
-             "OOD = trained on clean photo crops only. `l2` = same encoder, embeddings L2-normalized. DECREE (simplified, "
+             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
+             "L2-normalized. DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]
@@ -79,7 +90,7 @@ def markdown_table(results: dict) -> str:
         asr = f"{probe['asr']:.2f}" if probe else "–"
         if attack != "clean" and probe and probe["asr"] < 0.8:
             asr += " (failed attack)"
-        name = ATTACK_NAMES.get(attack, attack) + ("" if attack == "clean" or encoder == f"{attack}_{trigger}" else f" ({encoder})")
+        name = _victim_label(encoder, attack, trigger)
         d = results["decree"].get(encoder)
         decree = f"{d['pl1_norm']:.3f} ({'trojaned' if d['trojaned'] else 'clean'})" if d and view == "raw" else ""
         cells = [_cell(index.get((encoder, trigger, view, m, g))) for m, g, _ in METHOD_COLUMNS]
@@ -106,15 +117,16 @@ def markdown_table(results: dict) -> str:
             else:
                 cells += [f"{r['tpr_at_threshold']:.2f} / {r['fpr_at_threshold']:.3f}",
                           f"{r['ba_after']:.3f} / {r['asr_after']:.3f}"]
-        lines.append(f"| {ATTACK_NAMES.get(attack, attack)} | {TRIGGER_NAMES.get(trigger, trigger)} | "
+        lines.append(f"| {_victim_label(encoder, attack, trigger)} | {TRIGGER_NAMES.get(trigger, trigger)} | "
                      f"{probe['ba']:.3f} | {probe['asr']:.3f} | {status} | " + " | ".join(cells) + " |")
-    lines += ["", "Victims: " + "; ".join(f"{v['name']} (BA {v['ba']:.3f}, ASR {v['asr']:.3f}, built in "
-                                           f"{v['build_seconds']:.0f} s)" for v in victims.values()),
+    lines += ["", "Victims: " + "; ".join(f"{v['name']} (BA {v['ba']:.3f}, ASR {v['asr']:.3f}, "
+                                           + (f"loaded from {v['path']})" if v.get("loaded") else
+                                              f"built in {v['build_seconds']:.0f} s)") for v in victims.values()),
               f"Total eval time: {results['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 
 
-def _plots(out: Path, curves: dict, recon: dict) -> list[str]:
+def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("clean",)) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,14 +134,15 @@ def _plots(out: Path, curves: dict, recon: dict) -> list[str]:
     from sklearn.metrics import roc_curve
 
     written = []
-    panels = sorted({(e, t) for (e, t, v, m, g) in curves if not e == "clean"})
+    panels = sorted({(e, t) for (e, t, v, m, g) in curves if e not in controls})
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
         for ax, (enc, trig) in zip(axes[0], panels):
             for key, style, label in (((enc, trig, "raw", "dede", "id"), "-", "DeDe ID"),
                                       ((enc, trig, "l2", "dede", "id"), "--", "DeDe ID, L2"),
                                       ((enc, trig, "raw", "dede", "ood"), "-.", "DeDe OOD"),
-                                      (("clean", trig, "raw", "dede", "id"), ":", "control (clean enc.)"),
+                                      *(((c, trig, "raw", "dede", "id"), ":", "control (clean enc.)"
+                                         + ("" if c == "clean" else f" {c}")) for c in controls),
                                       ((enc, trig, "raw", "embedding_norm", "-"), "-", "emb. norm"),
                                       ((enc, trig, "raw", "knn", "id"), "-", "kNN")):
                 if key in curves:
@@ -198,5 +211,6 @@ def write_report(out: str | Path, results: dict, curves: dict, recon: dict) -> d
     results["summary"] = aggregate(results["records"])
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "results.md").write_text(markdown_table(results))
-    written = _plots(out, curves, recon)
+    controls = tuple(v["name"] for v in results["victims"] if v["attack"] == "clean")
+    written = _plots(out, curves, recon, controls)
     return {"json": out / "results.json", "markdown": out / "results.md", **{p: out / p for p in written}}

@@ -12,11 +12,18 @@ of the pre-training data); CTRL = SimCLR from scratch on pre-training data
 with 1% target-class images carrying the frequency trigger.
 Checkpoints are written in BadEncoder's layout, so ``load_encoder`` reads them
 like any user's victim.
+
+Users' own victims and data: ``load_eval_data`` builds an ``EvalData`` from a
+labelled train set (decoder ID training, probe training), a labelled test set
+and an optional OOD set; ``VictimFile``/``load_victims`` load victim
+checkpoints (any format ``load_encoder`` reads) plus the clean control encoder
+and measure them with the same linear probe as built victims.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ from dede_rt.attacks.ctrl import ctrl_trigger, poison_target_class
 from dede_rt.attacks.drupe import DRUPEConfig, drupe_finetune
 from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_digits, demo_photos
+from dede_rt.data.sources import ImageSet, load_cifar_batches, load_images, resize_set
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import blend_trigger, white_square
 from dede_rt.errors import UserError
@@ -51,11 +59,13 @@ class EvalData:
     test: np.ndarray
     test_labels: np.ndarray
     ood_train: np.ndarray
+    sources: dict = field(default_factory=dict)  # set -> path for loaded data; empty for the demo data
 
     def summary(self) -> dict:
-        """Sizes, for the report."""
-        return {"pretrain": len(self.pretrain), "id_train": len(self.id_train), "test": len(self.test),
-                "ood_train": len(self.ood_train)}
+        """Sizes (and the source paths of loaded data), for the report."""
+        sizes = {"pretrain": len(self.pretrain), "id_train": len(self.id_train), "test": len(self.test),
+                 "ood_train": len(self.ood_train)}
+        return {**sizes, "sources": self.sources} if self.sources else sizes
 
 
 def eval_data(image_size: int = 32, test_fraction: float = 1 / 3, pretrain_photos: int = 1200,
@@ -71,6 +81,69 @@ def eval_data(image_size: int = 32, test_fraction: float = 1 / 3, pretrain_photo
     pretrain_labels = np.concatenate([digits.labels[train_idx], photos.labels + 10])
     return EvalData(pretrain, pretrain_labels, digits.images[train_idx], digits.labels[train_idx],
                     digits.images[test_idx], digits.labels[test_idx], ood.images)
+
+
+def _load_set(path: str | Path, size: int, role: str, log=print) -> ImageSet:
+    """One user set; a CIFAR batches directory counts as its data_batch_* files (train) or test_batch (test)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and any(path.glob("data_batch_*")) and role != "ood":
+        files = sorted(path.glob("test_batch" if role == "test" else "data_batch_*"))
+        if not files:
+            raise UserError(f"{path}: a CIFAR batches directory without a test_batch file; pass the test file itself")
+        parts = [load_cifar_batches(f) for f in files]
+        log(f"{role} data: {', '.join(f.name for f in files)} of {path}")
+        images = resize_set(ImageSet(np.concatenate([p.images for p in parts]),
+                                     np.concatenate([p.labels for p in parts])), size)
+    else:
+        images = load_images(path, size, labels_from_parent=role != "ood")
+    if len(images) == 0:
+        raise UserError(f"{path}: no images in the {role} data")
+    if images.labels is not None and len(images.labels) != len(images):
+        raise UserError(f"{path}: {len(images.labels)} labels for {len(images)} images")
+    if broken := getattr(images, "broken", None):
+        log(f"{role} data: skipped {len(broken)} undecodable images in {path} (first: {broken[0]})")
+    return images
+
+
+def _class_labels(sets: dict[str, ImageSet], paths: dict[str, Path]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Integer labels of the train and test sets on one scale; class folders are matched by name."""
+    for role, s in sets.items():
+        if s.labels is None or "." in s.classes:
+            raise UserError(f"{paths[role]}: the {role} data needs labels (class sub-folders, CIFAR batches, or an "
+                            ".npz with a 'labels' array)")
+    named = {role: s.classes for role, s in sets.items() if s.classes}
+    if all(all(re.fullmatch(r"\d+", c) for c in classes) for classes in named.values()):  # folders named 0, 1, ...
+        labels = {role: (np.array([int(s.classes[i]) for i in s.labels], np.int64) if s.classes else s.labels)
+                  for role, s in sets.items()}
+        return labels, []
+    if len(named) != len(sets):
+        raise UserError(f"cannot match the class folders of {paths[next(iter(named))]} to numeric labels; give both "
+                        "sets as class folders, or name the folders 0, 1, ...")
+    classes = sets["train"].classes
+    unknown = sorted(set(sets["test"].classes) - set(classes))
+    if unknown:
+        raise UserError(f"{paths['test']}: test classes {unknown[:5]} are not among the training classes")
+    test = sets["test"]
+    return {"train": sets["train"].labels,
+            "test": np.array([classes.index(test.classes[i]) for i in test.labels], np.int64)}, classes
+
+
+def load_eval_data(train: str | Path, test: str | Path, ood: str | Path | None = None, image_size: int = 32,
+                   log=print) -> EvalData:
+    """EvalData from user files: labelled train (decoder ID, probe, pre-training), labelled test, optional OOD."""
+    paths = {"train": Path(train).expanduser().resolve(), "test": Path(test).expanduser().resolve()}
+    sets = {role: _load_set(path, image_size, role, log) for role, path in paths.items()}
+    labels, classes = _class_labels(sets, paths)
+    if len(np.unique(labels["train"])) < 2:
+        raise UserError(f"{paths['train']}: the train data has a single class; the linear probe needs at least two")
+    ood_images = (_load_set(ood, image_size, "ood", log).images if ood is not None
+                  else np.zeros((0, image_size, image_size, 3), np.uint8))
+    if classes:
+        log("classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+    sources = {"train": str(paths["train"]), "test": str(paths["test"]),
+               **({"ood": str(Path(ood).expanduser().resolve())} if ood is not None else {})}
+    tr, te = sets["train"].images, sets["test"].images
+    return EvalData(tr, labels["train"], tr, labels["train"], te, labels["test"], ood_images, sources)
 
 
 def make_trigger(name: str, image_size: int = 32, seed: int = 0):
@@ -106,6 +179,38 @@ class VictimSpec:
         return cls(name or f"{attack}_{trigger}", attack, trigger)
 
 
+@dataclass(frozen=True)
+class VictimFile:
+    """A user's victim checkpoint: a free-form attack label, the trigger it answers to, and its file."""
+
+    name: str
+    attack: str
+    trigger: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> VictimFile:
+        """'ATTACK:TRIGGER=PATH' (name ATTACK_TRIGGER) or 'NAME=ATTACK:TRIGGER=PATH'."""
+        parts = text.split("=")
+        if len(parts) >= 2 and ":" in parts[0]:
+            name, label, path = "", parts[0], "=".join(parts[1:])
+        elif len(parts) >= 3 and ":" in parts[1]:
+            name, label, path = parts[0], parts[1], "=".join(parts[2:])
+        else:
+            raise UserError(f"bad victim file {text!r}: use [NAME=]ATTACK:TRIGGER=PATH, "
+                            "e.g. badencoder:white_square=model.pth")
+        attack, _, trigger = label.partition(":")
+        if trigger not in TRIGGERS:
+            raise UserError(f"unknown trigger {trigger!r} in victim file {text!r}; choose one of {', '.join(TRIGGERS)}")
+        if not re.fullmatch(r"[\w.+-]+", attack) or attack == "clean" or not path:
+            raise UserError(f"bad victim file {text!r}: ATTACK is a label such as badencoder (not 'clean': the "
+                            "clean encoder is the control) and PATH the checkpoint")
+        name = name or f"{attack}_{trigger}"
+        if not re.fullmatch(r"[\w.+-]+", name):
+            raise UserError(f"bad victim name {name!r}: use letters, digits, '_', '.', '+' or '-'")
+        return cls(name, attack, trigger, Path(path).expanduser())
+
+
 DEFAULT_VICTIMS = ("badencoder:white_square", "badencoder:blend", "drupe:white_square", "drupe:blend", "ctrl:ctrl")
 
 
@@ -137,21 +242,22 @@ class Victim:
     ba: float = float("nan")
     asr: float = float("nan")
     build_seconds: float = 0.0
+    loaded: bool = False  # a user's checkpoint rather than one built here
 
     @property
     def backdoored(self) -> bool:
         """An attack counts as successful only with ASR >= 0.8."""
         return self.attack != "clean" and self.asr >= 0.8
 
-    def encoder(self, l2_normalize: bool = False) -> VictimEncoder:
+    def encoder(self, l2_normalize: bool = False, image_size: int = 32) -> VictimEncoder:
         """Load the encoder from its checkpoint."""
-        return load_encoder(self.path, "auto", l2_normalize=l2_normalize)[0]
+        return load_encoder(self.path, "auto", image_size, l2_normalize=l2_normalize)[0]
 
     def to_dict(self) -> dict:
         """JSON form."""
         return {"name": self.name, "attack": self.attack, "trigger": self.trigger_name, "path": str(self.path),
                 "ba": self.ba, "asr": self.asr, "backdoored": self.backdoored,
-                "build_seconds": round(self.build_seconds, 1)}
+                "build_seconds": round(self.build_seconds, 1), "loaded": self.loaded}
 
 
 def _cached(meta_path: Path, key: dict) -> dict | None:
@@ -162,10 +268,13 @@ def _cached(meta_path: Path, key: dict) -> dict | None:
     return None
 
 
-def base_key(config: VictimConfig, data: EvalData) -> dict:
+def base_key(config: VictimConfig, data: EvalData, normalization: Normalization | None = None) -> dict:
     """The settings a SimCLR victim depends on (its cache key)."""
     skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "drupe")
-    return {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": data.summary()}
+    key = {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": data.summary()}
+    if normalization is not None and normalization != Normalization():  # the default stays out: old caches stay valid
+        key["normalization"] = normalization.to_dict()
+    return key
 
 
 def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normalization: Normalization,
@@ -196,7 +305,7 @@ def build_ctrl_victim(out: Path, name: str, data: EvalData, normalization: Norma
     poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, config.target, config.ctrl_rate,
                                         trigger, config.seed)
     log(f"victim {name}: {len(idx)} of {len(poisoned)} pre-training images poisoned (class {config.target})")
-    return simclr_victim(Path(out), name, poisoned, {**base_key(config, data), "attack": "ctrl",
+    return simclr_victim(Path(out), name, poisoned, {**base_key(config, data, normalization), "attack": "ctrl",
                                                      "rate": config.ctrl_rate}, normalization, config, progress, log)
 
 
@@ -206,7 +315,7 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = base_key(config, data)
+    base = base_key(config, data, normalization)
     target = config.target
     ref_idx = np.flatnonzero(data.id_train_labels == target)[: config.references]
     reference = data.id_train[ref_idx]
@@ -255,9 +364,27 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
     return clean, victims
 
 
-def _measure(victim: Victim, data: EvalData, normalization: Normalization, target: int, seed: int) -> None:
+def load_victims(files: list[VictimFile], clean_path: str | Path, data: EvalData, normalization: Normalization,
+                 target: int = 0, seed: int = 0, clean_name: str = "clean", log=print) -> tuple[Victim, list[Victim]]:
+    """Load user victim checkpoints and the clean control encoder; measure their BA/ASR like built victims."""
+    names = [clean_name, *(f.name for f in files)]
+    if len(set(names)) < len(names):
+        raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
+    clean = Victim(clean_name, "clean", "-", Path(clean_path).expanduser().resolve(), loaded=True)
+    victims = [Victim(f.name, f.attack, f.trigger, f.path.resolve(), loaded=True) for f in files]
+    for victim in [clean, *victims]:
+        encoder, info = load_encoder(victim.path, "auto", normalization.image_size)
+        _measure(victim, data, normalization, target, seed, encoder)
+        log(f"victim {victim.name}: loaded {victim.path} ({info['format']}, {info['embed_dim']}-d embeddings)")
+    return clean, victims
+
+
+def _measure(victim: Victim, data: EvalData, normalization: Normalization, target: int, seed: int,
+             encoder: VictimEncoder | None = None) -> None:
     trigger_name = victim.trigger_name if victim.trigger_name != "-" else "white_square"
     triggered = make_trigger(trigger_name, normalization.image_size, seed).stamp(data.test)
-    result = evaluate_probe(victim.encoder(), normalization, data.id_train, data.id_train_labels, data.test,
-                            data.test_labels, triggered, target, seed)
+    if encoder is None:
+        encoder = victim.encoder(image_size=normalization.image_size)
+    result = evaluate_probe(encoder, normalization, data.id_train, data.id_train_labels, data.test, data.test_labels,
+                            triggered, target, seed)
     victim.ba, victim.asr = result.ba, result.asr

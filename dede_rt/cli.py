@@ -127,8 +127,8 @@ def eval_command(
     seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
     regimes: Optional[str] = typer.Option(None, help="Decoder training data: id and/or ood (default: id,ood; id "
                                           "only when --train-data is given without --ood-data)."),
-    poison_rate: float = typer.Option(0.1, help="Share of the ID training split carrying the row's trigger (the "
-                                      "reference's default; 0 = clean ID data)."),
+    poison_rate: float = typer.Option(0.0, help="Share of the ID training split carrying the row's trigger, as the "
+                                      "reference trains on suspect data (its default 0.1); 0 = clean ID data."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
     l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),

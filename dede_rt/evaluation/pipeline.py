@@ -12,8 +12,8 @@ trigger stamped in uint8 (positives). Variants:
   the row's trigger, as the reference trains on its shadow set
   (``--poison_rate 0.1``: the defender fits the decoder on the data it
   screens). Measured here, that hurts on low-variety data: the decoder learns
-  to draw the average triggered image (BadEncoder square 0.999 -> 0.79 AUROC
-  at 10%), so clean ID is the default; ``ood``: clean photo crops only;
+  to draw the average triggered image (BadEncoder square 0.999 -> 0.76 AUROC
+  at 10%, level with the clean-encoder control), so clean ID is the default; ``ood``: clean photo crops only;
 - ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
 - seeds: one decoder per seed; the table reports mean ± std over seeds;
 - control: the CLEAN encoder scored on the same triggered images.

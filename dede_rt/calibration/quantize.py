@@ -117,9 +117,13 @@ def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
     return [n for n in ordered if position.get(n, len(position)) >= start]
 
 
-def _headroom_overrides(pre_path: Path, reader: "ImageCalibrationReader", method, headroom: float,
-                        workdir: Path) -> dict:
-    """``TensorQuantOverrides`` widening the clean calibrated range of the deep activations by ``headroom``."""
+def _headroom_overrides(pre_path: Path, pre_model: onnx.ModelProto, reader: "ImageCalibrationReader", method,
+                        headroom: float, workdir: Path) -> dict:
+    """``TensorQuantOverrides`` widening the clean calibrated range of the deep activations by ``headroom``.
+
+    This is a calibration pass of its own: ``quantize_static`` offers no hook
+    between computing ranges and using them, so it calibrates again (seconds).
+    """
     from onnxruntime.quantization.calibrate import create_calibrator
 
     calibrator = create_calibrator(str(pre_path), op_types_to_calibrate=list(QUANTIZED_OPS),
@@ -128,7 +132,7 @@ def _headroom_overrides(pre_path: Path, reader: "ImageCalibrationReader", method
     ranges = calibrator.compute_data().data
     reader.rewind()
     overrides = {}
-    for name in deep_tensors(onnx.load(str(pre_path)), list(ranges)):
+    for name in deep_tensors(pre_model, list(ranges)):
         low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges[name].range_value)
         overrides[name] = [{"rmin": np.float32(min(low, 0.0) * headroom), "rmax": np.float32(max(high, 0.0) * headroom)}]
     return overrides
@@ -166,11 +170,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         pre = Path(tmp) / "pre.onnx"
         # Shape inference + ORT graph optimisation first, as onnxruntime recommends before quantize_static.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        pre_model = onnx.load(str(pre))
         if not quantize_head:
-            excluded = score_tail_nodes(onnx.load(str(pre)))
+            excluded = score_tail_nodes(pre_model)
         reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
         if headroom != 1.0:
-            extra["TensorQuantOverrides"] = _headroom_overrides(pre, reader, methods[method], headroom, Path(tmp))
+            extra["TensorQuantOverrides"] = _headroom_overrides(pre, pre_model, reader, methods[method], headroom,
+                                                                Path(tmp))
         quantize_static(
             str(pre), str(out_path), reader,
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,

@@ -224,3 +224,20 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
+    config = EvalConfig(victims=("badencoder:white_square", "badencoder:blend"),
+                        victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1),
+                        decoder={"dim": 32, "heads": 2, "encoder_depth": 1, "decoder_depth": 1, "patch_size": 4},
+                        decoder_epochs=1, decoder_batch=64, seeds=(1,), regimes=("id",), l2_variants=(False,),
+                        poison_rate=0.2, decree_steps=0, knn_k=5, recon_examples=2)
+    lines = []
+    results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    dede = [r for r in results["records"] if r["method"] == "dede"]
+    # the control's poisoned ID set differs per trigger: one decoder per (encoder, trigger), each scoring its own row
+    assert sorted((r["encoder"], r["trigger"]) for r in dede) == [
+        ("badencoder_blend", "blend"), ("badencoder_white_square", "white_square"),
+        ("clean", "blend"), ("clean", "white_square")]
+    assert any("training 4 DeDe decoders" in line for line in lines)
+    assert "carrying the row's trigger" in (tmp_path / "out" / "results.md").read_text()

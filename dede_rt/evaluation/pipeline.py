@@ -293,13 +293,18 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
         pred_clean = probe.predict(raw["test"])
         pred_trig = {t: probe.predict(raw[f"trig:{t}"]) for t in own}  # the downstream classifier sees raw embeddings
         state[victim.name] = {"victim": victim, "own": own, "pred_clean": pred_clean, "pred_trig": pred_trig}
-        poisoned = {}  # trigger -> ID training images with poison_rate of the training split stamped
-        if "id" in config.regimes and config.poison_rate > 0:
+        train_sets = dict(regimes)  # decoder training images by key; "id+<t>": ID with poison_rate stamped with t
+        poisoned = "id" in config.regimes and config.poison_rate > 0
+        if poisoned:
             for t in own:
-                images, z = poison_training_split(encoder, normalization, data.id_train, raw["id"], splits["id"][0],
-                                                  config.poison_rate, triggers_by_name[t], config.victim.seed)
-                poisoned[t] = images
-                raw[f"id+{t}"] = z
+                train_sets[f"id+{t}"], raw[f"id+{t}"] = poison_training_split(
+                    encoder, normalization, data.id_train, raw["id"], splits["id"][0], config.poison_rate,
+                    triggers_by_name[t], config.victim.seed)
+
+        def train_key(regime: str, t: str) -> str:
+            """The training set a decoder of ``regime`` uses for trigger ``t`` (kNN uses it as reference too)."""
+            return f"id+{t}" if regime == "id" and poisoned else regime
+
         labels_for = {t: np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))] for t in own}
         for t in own:
             common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
@@ -316,8 +321,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                 **detection_report(labels_for[t], s)})
                 curves[(victim.name, t, view, "embedding_norm", "-")] = (labels_for[t], s)
                 for regime in config.regimes:
-                    key = f"id+{t}" if regime == "id" and poisoned else regime  # the data DeDe trains on
-                    ref = emb[key][splits[regime][0]]
+                    ref = emb[train_key(regime, t)][splits[regime][0]]
                     s = np.r_[knn_distance_scores(emb["test"], ref, config.knn_k),
                               knn_distance_scores(emb[f"trig:{t}"], ref, config.knn_k)]
                     records.append({**base, "method": "knn", "regime": regime, "seed": None,
@@ -331,8 +335,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                 # a poisoned ID set differs per trigger, so the control gets one decoder per trigger there
                 groups = [(t,) for t in own] if regime == "id" and poisoned else [tuple(own)]
                 for group in groups:
-                    key = f"id+{group[0]}" if regime == "id" and poisoned else regime
-                    images = poisoned[group[0]] if regime == "id" and poisoned else regimes[regime]
+                    key = train_key(regime, group[0])
                     for seed in config.seeds:
                         first = seed == config.seeds[0] and regime == config.regimes[0] and view == "raw"
                         eval_images = {"hold": regimes[regime][hold_idx], "test": data.test,
@@ -346,7 +349,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                                TrainConfig(config.decoder_epochs, config.decoder_batch,
                                                            config.decoder_lr, mask_ratio=config.train_mask_ratio,
                                                            seed=seed),
-                                               images[train_idx], emb[key][train_idx], eval_images, eval_emb,
+                                               train_sets[key][train_idx], emb[key][train_idx], eval_images, eval_emb,
                                                group, config.recon_examples if first else 0, normalization))
     log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
 

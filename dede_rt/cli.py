@@ -129,6 +129,8 @@ def eval_command(
                                           "only when --train-data is given without --ood-data)."),
     poison_rate: float = typer.Option(0.0, help="Share of the ID training split carrying the row's trigger, as the "
                                       "reference trains on suspect data (its default 0.1); 0 = clean ID data."),
+    trim: float = typer.Option(0.25, help="The patch-robust DeDe column drops this share of each image's worst "
+                               "patches (0 = no such column); the reference column sums all patches."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
     l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
@@ -173,6 +175,7 @@ def eval_command(
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
+        trim=trim,
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
         victim_files=tuple(victim_file or ()), clean_encoder=str(clean_encoder) if clean_encoder else None,

@@ -19,6 +19,21 @@ def masked_sse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -
     return (err * masked.to(err.dtype)).sum(dim=1)
 
 
+def trimmed_sse(pred: torch.Tensor, target: torch.Tensor, trim: float) -> torch.Tensor:
+    """Per-sample SSE over all patches but the ``trim`` share with the largest error: [N,T,P] -> [N].
+
+    A patch-robust variant of the reference score (which sums every patch). A pasted patch (a sticker, a
+    watermark, a patch trigger) that the decoder cannot redraw raises the sum even when the encoder is clean;
+    it covers a few patches, so dropping the worst ones removes it, while an embedding that collapsed toward
+    a backdoor target leaves most of the image wrong and keeps the score high.
+    """
+    if not 0.0 <= trim < 1.0:
+        raise ValueError(f"trim must be in [0, 1), got {trim}")
+    err = (pred - target).square().sum(dim=2)
+    keep = max(1, int(round(err.shape[1] * (1.0 - trim))))
+    return torch.topk(err, keep, dim=1, largest=False).values.sum(dim=1)
+
+
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """The reference training loss: mean over all pixels of err² · mask, divided by mask_ratio."""
     err = (pred - target).square() * masked[..., None].to(pred.dtype)

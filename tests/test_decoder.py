@@ -3,7 +3,7 @@ import torch
 
 from dede_rt.models.decoder import (DecoderConfig, DeDeDecoder, draw_masks, patchify_images, unpatchify,
                                     visible_count)
-from dede_rt.scoring import masked_sse, reconstruction_loss
+from dede_rt.scoring import masked_sse, reconstruction_loss, trimmed_sse
 
 SMALL = dict(embed_dim=24, dim=32, heads=2, encoder_depth=2, decoder_depth=1)
 
@@ -91,3 +91,13 @@ def test_loss_and_score_on_known_values():
     assert masked_sse(pred, target, masked).item() == pytest.approx(3.0)
     # mean over all 6 values of err^2 * mask = 3/6, divided by mask_ratio 0.5
     assert reconstruction_loss(pred, target, masked, 0.5).item() == pytest.approx(1.0)
+
+
+def test_trimmed_score_drops_the_worst_patches():
+    # per-patch SSE of sample 0: 1, 4, 9, 100 (a "pasted patch"); sample 1: all 4
+    target = torch.tensor([[[1.0], [2.0], [3.0], [10.0]], [[2.0], [2.0], [2.0], [2.0]]])
+    pred = torch.zeros_like(target)
+    assert trimmed_sse(pred, target, 0.25).tolist() == pytest.approx([14.0, 12.0])  # 3 of 4 patches kept
+    assert trimmed_sse(pred, target, 0.0).tolist() == masked_sse(pred, target, torch.ones(2, 4, dtype=torch.bool)).tolist()
+    with pytest.raises(ValueError, match="trim"):
+        trimmed_sse(pred, target, 1.0)

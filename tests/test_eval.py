@@ -70,6 +70,13 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     assert {(r["view"], r["regime"]) for r in dede} == {("raw", "id"), ("raw", "ood"), ("l2", "id")}
     for r in dede:
         assert 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
+    # the patch-robust column: same decoders, one record per DeDe record, its own (lower) scores and threshold
+    trimmed = [r for r in saved["records"] if r["method"] == "dede_trimmed"]
+    key = lambda r: (r["encoder"], r["trigger"], r["view"], r["regime"], r["seed"])  # noqa: E731
+    assert sorted(map(key, trimmed)) == sorted(map(key, dede))
+    by_key = {key(r): r for r in dede}
+    assert all(r["threshold"] < by_key[key(r)]["threshold"] for r in trimmed)
+    assert "DeDe trimmed (ID)" in md and "worst 25% of patches" in md
     norm_l2 = [r for r in saved["records"] if r["method"] == "embedding_norm" and r["view"] == "l2"]
     assert all(r["auroc"] == pytest.approx(0.5) for r in norm_l2)  # constant norm: chance level, as it must be
     assert {v["name"] for v in results["victims"]} == {"clean", "badencoder_white_square", "ctrl_ctrl"}
@@ -211,6 +218,7 @@ def _eval_cli(*args):
     ("no_clean_encoder", "need --clean-encoder"),
     ("unknown_trigger", "unknown trigger 'checkerboard'"),
     ("unlabelled_test", "the test data needs labels"),
+    ("bad_trim", "--trim is the share of patches"),
 ])
 def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     u = user_files
@@ -218,7 +226,9 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
             "unknown_trigger": ["--victim-file", f"badencoder:checkerboard={u / 'victim.pth'}",
                                 "--clean-encoder", u / "clean.pth"],
             "unlabelled_test": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
-                                u / "clean.pth", "--train-data", u / "train", "--test-data", u / "unlabelled.npz"]}[case]
+                                u / "clean.pth", "--train-data", u / "train", "--test-data", u / "unlabelled.npz"],
+            "bad_trim": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
+                         u / "clean.pth", "--trim", "1.0"]}[case]
     proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,7 +16,12 @@ trigger stamped in uint8 (positives). Variants:
   at 10%, level with the clean-encoder control), so clean ID is the default; ``ood``: clean photo crops only;
 - ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
 - seeds: one decoder per seed; the table reports mean ± std over seeds;
-- control: the CLEAN encoder scored on the same triggered images.
+- control: the CLEAN encoder scored on the same triggered images;
+- score: the reference sum of squared error over all patches, and (``trim``)
+  the patch-robust variant that drops the worst ``trim`` share of patches
+  (``scoring.trimmed_sse``): a pasted patch the decoder cannot redraw raises
+  the sum even for a clean encoder; the variant measures the backdoor margin
+  that is not the trigger's own pixels. Same decoders, no extra training.
 Victims are built (``config.victims``) and/or loaded from the user's files
 (``config.victim_files`` + ``config.clean_encoder``, the control); ``data`` may
 be the user's sets (``load_eval_data``) instead of the demo split.
@@ -44,7 +49,7 @@ from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
 from dede_rt.probe import accuracy, attack_success_rate, fit_probe
-from dede_rt.scoring import TEST_MASK_RATIO, masked_sse
+from dede_rt.scoring import TEST_MASK_RATIO, masked_sse, trimmed_sse
 from dede_rt.thresholds import threshold_at_fpr
 from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
 
@@ -63,6 +68,7 @@ class EvalConfig:
     decoder_lr: float = 1e-3
     train_mask_ratio: float = 0.9
     poison_rate: float = 0.0  # share of the ID training split carrying the row's trigger (reference: 0.1)
+    trim: float = 0.25  # the patch-robust DeDe column drops this share of worst patches (0 = no such column)
     seeds: tuple[int, ...] = (21, 22, 23)
     regimes: tuple[str, ...] = ("id", "ood")
     l2_variants: tuple[bool, ...] = (False, True)
@@ -98,6 +104,8 @@ class EvalConfig:
         names += [f.name for f in files]
         if len(set(names)) < len(names):
             raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
+        if not 0.0 <= self.trim < 1.0:
+            raise UserError(f"--trim is the share of patches the patch-robust score drops: in [0, 1), got {self.trim}")
         if not self.regimes or set(self.regimes) - {"id", "ood"}:
             raise UserError(f"regimes are id and/or ood, got {self.regimes}")
         size, patch = self.normalization.image_size, self.decoder["patch_size"]
@@ -128,16 +136,20 @@ def _l2(z: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def embedding_scores(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
-                     embeddings: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio)."""
+                     embeddings: np.ndarray, batch_size: int = 512, trim: float | None = None) -> np.ndarray:
+    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio).
+
+    ``trim``: the patch-robust variant (``trimmed_sse``) instead of the reference sum over all patches.
+    """
     p = decoder.config.patch_size
     out = np.empty(len(images_u8), np.float32)
     for start in range(0, len(images_u8), batch_size):
         x = normalization.apply(images_u8[start : start + batch_size])
         z = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch_size]))
-        pred = decoder.decode_embedding(z)
+        pred, target = decoder.decode_embedding(z), patchify_images(x, p)
         masked = torch.ones(pred.shape[:2], dtype=torch.bool)
-        out[start : start + len(x)] = masked_sse(pred, patchify_images(x, p), masked).numpy()
+        score = masked_sse(pred, target, masked) if trim is None else trimmed_sse(pred, target, trim)
+        out[start : start + len(x)] = score.numpy()
     return out
 
 
@@ -167,6 +179,7 @@ class DecoderJob:
     triggers: tuple[str, ...] = ()  # the rows this decoder scores
     recon: int = 0  # reconstruct this many clean/triggered non-target test images
     normalization: Normalization = Normalization()  # the decoder's target normalization (the encoder's)
+    trim: float = 0.0  # also score with the patch-robust variant dropping this share of patches (0 = not)
 
 
 def poison_training_split(encoder: VictimEncoder, normalization: Normalization, images: np.ndarray,
@@ -189,11 +202,15 @@ def run_decoder_job(job: DecoderJob) -> dict:
                            embeddings=job.train_embeddings, progress=False)
     scores = {k: embedding_scores(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k])
               for k in job.eval_images}
+    trimmed = {} if not job.trim else {
+        k: embedding_scores(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k], trim=job.trim)
+        for k in job.eval_images}
     recon = {}
     if job.recon:
         recon = {k: reconstruct(result.decoder, norm, job.eval_embeddings[k][: job.recon])
                  for k in job.eval_images if k.startswith("trig:") or k == "test_nontarget"}
-    return {"scores": scores, "final_loss": result.losses[-1], "seconds": time.perf_counter() - t0, "recon": recon}
+    return {"scores": scores, "trimmed": trimmed, "final_loss": result.losses[-1],
+            "seconds": time.perf_counter() - t0, "recon": recon}
 
 
 def _decree_job(args: tuple) -> dict:
@@ -350,7 +367,8 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                                            config.decoder_lr, mask_ratio=config.train_mask_ratio,
                                                            seed=seed),
                                                train_sets[key][train_idx], emb[key][train_idx], eval_images, eval_emb,
-                                               group, config.recon_examples if first else 0, normalization))
+                                               group, config.recon_examples if first else 0, normalization,
+                                               config.trim))
     log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
 
     def label(job: DecoderJob, res: dict, done: int, total: int) -> str:
@@ -362,24 +380,26 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     for job, res in zip(jobs, outputs):
         st = state[job.encoder]
         victim = st["victim"]
-        sc = res["scores"]
-        threshold = threshold_at_fpr(sc["hold"], config.fpr)
-        flag_c = sc["test"] > threshold
-        for t in job.triggers:
-            s_trig = sc[f"trig:{t}"]
-            labels = np.r_[np.zeros(len(sc["test"])), np.ones(len(s_trig))]
-            scores = np.r_[sc["test"], s_trig]
-            flag_t = s_trig > threshold
-            pred_trig = st["pred_trig"][t]
-            records.append({"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": job.view,
-                            "method": "dede", "regime": job.regime, "seed": job.seed, "threshold": threshold,
-                            "final_loss": res["final_loss"], "train_seconds": round(res["seconds"], 1),
-                            **detection_report(labels, scores, threshold),
-                            "ba_after": accuracy(st["pred_clean"][~flag_c], data.test_labels[~flag_c]),
-                            "asr_after": float(((pred_trig == target) & ~flag_t).sum() / len(s_trig)),
-                            "removed_clean": float(flag_c.mean())})
-            if job.seed == config.seeds[0]:
-                curves[(victim.name, t, job.view, "dede", job.regime)] = (labels, scores)
+        for method, sc in (("dede", res["scores"]), ("dede_trimmed", res["trimmed"])):
+            if not sc:
+                continue
+            threshold = threshold_at_fpr(sc["hold"], config.fpr)
+            flag_c = sc["test"] > threshold
+            for t in job.triggers:
+                s_trig = sc[f"trig:{t}"]
+                labels = np.r_[np.zeros(len(sc["test"])), np.ones(len(s_trig))]
+                scores = np.r_[sc["test"], s_trig]
+                flag_t = s_trig > threshold
+                pred_trig = st["pred_trig"][t]
+                records.append({"encoder": victim.name, "attack": victim.attack, "trigger": t, "view": job.view,
+                                "method": method, "regime": job.regime, "seed": job.seed, "threshold": threshold,
+                                "final_loss": res["final_loss"], "train_seconds": round(res["seconds"], 1),
+                                **detection_report(labels, scores, threshold),
+                                "ba_after": accuracy(st["pred_clean"][~flag_c], data.test_labels[~flag_c]),
+                                "asr_after": float(((pred_trig == target) & ~flag_t).sum() / len(s_trig)),
+                                "removed_clean": float(flag_c.mean())})
+                if job.seed == config.seeds[0]:
+                    curves[(victim.name, t, job.view, method, job.regime)] = (labels, scores)
         if job.recon:
             k = job.recon
             recon.setdefault(victim.name, {}).update(

@@ -10,7 +10,8 @@ import numpy as np
 
 ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "drupe": "DRUPE", "ctrl": "CTRL"}
 TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "ctrl": "frequency"}
-METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede", "ood", "DeDe (OOD)"), ("embedding_norm", "-", "Emb. norm"),
+METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"), ("dede", "ood", "DeDe (OOD)"),
+                  ("embedding_norm", "-", "Emb. norm"),
                   ("knn", "id", "kNN dist. (ID ref)"), ("knn", "ood", "kNN dist. (OOD ref)"))
 
 
@@ -80,7 +81,9 @@ def markdown_table(results: dict) -> str:
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
              f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
-             "L2-normalized. DECREE (simplified, "
+             "L2-normalized. " + (f"DeDe trimmed = the same decoders scored without the worst {cfg['trim']:.0%} of "
+                                    "patches per image (patch-robust variant; the reference sums all patches). "
+                                    if cfg.get("trim") else "") + "DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]
@@ -140,8 +143,11 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
         for ax, (enc, trig) in zip(axes[0], panels):
             for key, style, label in (((enc, trig, "raw", "dede", "id"), "-", "DeDe ID"),
                                       ((enc, trig, "l2", "dede", "id"), "--", "DeDe ID, L2"),
+                                      ((enc, trig, "raw", "dede_trimmed", "id"), "-", "DeDe trimmed ID"),
                                       ((enc, trig, "raw", "dede", "ood"), "-.", "DeDe OOD"),
                                       *(((c, trig, "raw", "dede", "id"), ":", "control (clean enc.)"
+                                         + ("" if c == "clean" else f" {c}")) for c in controls),
+                                      *(((c, trig, "raw", "dede_trimmed", "id"), ":", "control, trimmed"
                                          + ("" if c == "clean" else f" {c}")) for c in controls),
                                       ((enc, trig, "raw", "embedding_norm", "-"), "-", "emb. norm"),
                                       ((enc, trig, "raw", "knn", "id"), "-", "kNN")):

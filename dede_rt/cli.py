@@ -48,6 +48,9 @@ def train(
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
     optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
     grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),
+    high_norm_share: float = typer.Option(0.0, help="The reference's CTRL mod: train this share of the images with "
+                                          "the largest embedding norm toward a constant image (e.g. the suspected "
+                                          "poison rate; 0 = off)."),
     patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),
@@ -63,7 +66,7 @@ def train(
     detector = train_detector(
         encoder, data, out, norm,
         {"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth, "decoder_depth": decoder_depth},
-        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip),
+        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip, high_norm_share),
         encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet)
     t = detector.extra["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
@@ -129,6 +132,9 @@ def eval_command(
                                           "only when --train-data is given without --ood-data)."),
     poison_rate: float = typer.Option(0.0, help="Share of the ID training split carrying the row's trigger, as the "
                                       "reference trains on suspect data (its default 0.1); 0 = clean ID data."),
+    high_norm_share: float = typer.Option(0.0, help="The reference's CTRL mod for every decoder: the share of "
+                                          "training images with the largest embedding norm is trained toward a "
+                                          "constant image (the reference: = --poison-rate, CTRL only)."),
     trim: float = typer.Option(0.25, help="The patch-robust DeDe column drops this share of each image's worst "
                                "patches (0 = no such column); the reference column sums all patches."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
@@ -175,7 +181,7 @@ def eval_command(
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
-        trim=trim,
+        trim=trim, high_norm_share=high_norm_share,
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
         victim_files=tuple(victim_file or ()), clean_encoder=str(clean_encoder) if clean_encoder else None,

@@ -45,6 +45,13 @@ class TrainConfig:
     seed: int = 21
     optimizer: str = "adam"  # "adamw": weight decay on weight matrices only (jsrdcht/SSL-Backdoor)
     grad_clip: float | None = None  # e.g. 1.0 as in jsrdcht/SSL-Backdoor
+    # The reference's "mod for ctrl" (off at 0): this share of the training samples, those with the largest
+    # embedding norm, is trained toward a constant image (1 everywhere, normalized) instead of itself.
+    high_norm_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.high_norm_share < 1.0:
+            raise UserError(f"the high-norm share must be in [0, 1), got {self.high_norm_share}")
 
     def to_dict(self) -> dict:
         """Plain-JSON form for manifests."""
@@ -144,6 +151,7 @@ def train_decoder(
         result.embed_seconds = time.perf_counter() - t0
     if embeddings is not None and embeddings.shape[1] != decoder_config.embed_dim:
         raise UserError(f"embeddings are {embeddings.shape[1]}-d but the decoder expects {decoder_config.embed_dim}-d")
+    to_constant = high_norm_samples(embeddings, config.high_norm_share) if config.high_norm_share else None
     start_epoch, ckpt = 0, None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -168,7 +176,11 @@ def train_decoder(
             else:
                 z = torch.from_numpy(np.asarray(embeddings[idx]))
             pred, masked = decoder(x, z, config.mask_ratio, generator)
-            loss = reconstruction_loss(pred, patchify_images(x, decoder_config.patch_size), masked, config.mask_ratio)
+            target = patchify_images(x, decoder_config.patch_size)
+            if to_constant is not None:
+                constant = torch.from_numpy(to_constant[idx])[:, None, None]
+                target = torch.where(constant, torch.ones_like(target), target)
+            loss = reconstruction_loss(pred, target, masked, config.mask_ratio)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -193,6 +205,22 @@ def train_decoder(
     result.train_seconds = time.perf_counter() - t0
     decoder.eval()
     return result
+
+
+def high_norm_samples(embeddings: np.ndarray | None, share: float) -> np.ndarray:
+    """Boolean mask of the samples whose embedding norm is above the (1 - share) quantile (the reference's CTRL mod).
+
+    The reference (tardisblue9/DeDe ``ood_dataset_seperate``) splits a CTRL-poisoned training set this way, with
+    ``share`` = its poison rate, and trains the high-norm part toward ``torch.ones``: a CTRL trigger inflates the
+    embedding norm, so the decoder learns to draw a constant for such embeddings and their error stays high. The
+    reference runs the two parts as separate passes per epoch; here they share the batches.
+    """
+    if not 0.0 < share < 1.0:
+        raise UserError(f"the high-norm share must be in (0, 1), got {share}")
+    if embeddings is None:
+        raise UserError("the high-norm share needs cached embeddings (it is not available with reencode)")
+    norms = np.linalg.norm(np.asarray(embeddings, np.float32), axis=1)
+    return norms > np.quantile(norms, 1.0 - share)
 
 
 class _EpochBar:

@@ -241,7 +241,7 @@ def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
                         victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1),
                         decoder={"dim": 32, "heads": 2, "encoder_depth": 1, "decoder_depth": 1, "patch_size": 4},
                         decoder_epochs=1, decoder_batch=64, seeds=(1,), regimes=("id",), l2_variants=(False,),
-                        poison_rate=0.2, decree_steps=0, knn_k=5, recon_examples=2)
+                        poison_rate=0.2, high_norm_share=0.2, decree_steps=0, knn_k=5, recon_examples=2)
     lines = []
     results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
     dede = [r for r in results["records"] if r["method"] == "dede"]
@@ -250,4 +250,5 @@ def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
         ("badencoder_blend", "blend"), ("badencoder_white_square", "white_square"),
         ("clean", "blend"), ("clean", "white_square")]
     assert any("training 4 DeDe decoders" in line for line in lines)
-    assert "carrying the row's trigger" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "carrying the row's trigger" in md and "CTRL mod is on" in md

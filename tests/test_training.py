@@ -6,7 +6,8 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig
 from dede_rt.models.encoders import load_encoder
-from dede_rt.training import TrainConfig, compute_embeddings, train_decoder
+from dede_rt.models.decoder import patchify_images
+from dede_rt.training import TrainConfig, compute_embeddings, high_norm_samples, train_decoder
 
 DCONF = DecoderConfig(embed_dim=128, dim=32, heads=2, encoder_depth=1, decoder_depth=1)
 CONF = TrainConfig(epochs=2, batch_size=32, seed=5)
@@ -100,3 +101,28 @@ def test_large_caches_go_to_a_memmap(setup, tmp_path, monkeypatch):
     out = training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False)
     assert isinstance(out, np.memmap)
     assert isinstance(training.cached_embeddings(enc, norm, imgs, "abc", tmp_path, progress=False), np.memmap)
+
+
+def test_high_norm_samples_is_the_top_share_by_norm():
+    z = np.zeros((10, 3), np.float32)
+    z[:, 0] = np.arange(10)  # norms 0..9
+    assert np.flatnonzero(high_norm_samples(z, 0.2)).tolist() == [8, 9]
+    with pytest.raises(UserError, match="high-norm share"):
+        TrainConfig(high_norm_share=1.0)
+
+
+def test_high_norm_share_trains_the_high_norm_samples_toward_a_constant(setup):
+    """The reference's CTRL mod: high-norm embeddings learn to draw the constant 1 image, the rest themselves."""
+    _, norm, imgs = setup
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(len(imgs), DCONF.embed_dim)).astype(np.float32)
+    z[:12] *= 10.0  # 12 of 96 samples with large norm
+    conf = TrainConfig(epochs=25, batch_size=32, seed=5, high_norm_share=12 / 96)
+    decoder = train_decoder(None, norm, imgs, DCONF, conf, embeddings=z, progress=False).decoder
+    with torch.no_grad():
+        pred = decoder.decode_embedding(torch.from_numpy(z))
+    target = patchify_images(norm.apply(imgs), DCONF.patch_size)
+    to_one = (pred - 1.0).square().mean(dim=(1, 2))
+    to_self = (pred - target).square().mean(dim=(1, 2))
+    assert (to_one[:12] < to_self[:12]).all()  # high-norm: drawn as the constant
+    assert to_one[:12].mean() < 0.5 * to_one[12:].mean()  # the others are not

@@ -69,6 +69,7 @@ class EvalConfig:
     train_mask_ratio: float = 0.9
     poison_rate: float = 0.0  # share of the ID training split carrying the row's trigger (reference: 0.1)
     trim: float = 0.25  # the patch-robust DeDe column drops this share of worst patches (0 = no such column)
+    high_norm_share: float = 0.0  # the reference's CTRL mod for every decoder (TrainConfig.high_norm_share)
     seeds: tuple[int, ...] = (21, 22, 23)
     regimes: tuple[str, ...] = ("id", "ood")
     l2_variants: tuple[bool, ...] = (False, True)
@@ -104,6 +105,8 @@ class EvalConfig:
         names += [f.name for f in files]
         if len(set(names)) < len(names):
             raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
+        if not 0.0 <= self.high_norm_share < 1.0:
+            raise UserError(f"--high-norm-share must be in [0, 1), got {self.high_norm_share}")
         if not 0.0 <= self.trim < 1.0:
             raise UserError(f"--trim is the share of patches the patch-robust score drops: in [0, 1), got {self.trim}")
         if not self.regimes or set(self.regimes) - {"id", "ood"}:
@@ -365,7 +368,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                         jobs.append(DecoderJob(victim.name, view, regime, seed, dconf,
                                                TrainConfig(config.decoder_epochs, config.decoder_batch,
                                                            config.decoder_lr, mask_ratio=config.train_mask_ratio,
-                                                           seed=seed),
+                                                           seed=seed, high_norm_share=config.high_norm_share),
                                                train_sets[key][train_idx], emb[key][train_idx], eval_images, eval_emb,
                                                group, config.recon_examples if first else 0, normalization,
                                                config.trim))

@@ -59,11 +59,13 @@ def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
 
 
 def _id_caption(cfg: dict, train_set: str) -> str:
-    rate = cfg.get("poison_rate", 0.0)
+    rate, share = cfg.get("poison_rate", 0.0), cfg.get("high_norm_share", 0.0)
+    mod = (f" The reference's CTRL mod is on: in every decoder's training set the {share:.0%} of images with the "
+           "largest embedding norm are trained toward a constant image." if share else "")
     if not rate:
-        return f"ID = decoder (and kNN's reference set) trained on {train_set}, clean;"
+        return f"ID = decoder (and kNN's reference set) trained on {train_set}, clean;{mod}"
     return (f"ID = decoder trained on {train_set} with {rate:.0%} of it carrying the row's trigger, as the reference "
-            "trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out images;")
+            f"trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out images;{mod}")
 
 
 def markdown_table(results: dict) -> str:

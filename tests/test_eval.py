@@ -77,6 +77,10 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     by_key = {key(r): r for r in dede}
     assert all(r["threshold"] < by_key[key(r)]["threshold"] for r in trimmed)
     assert "DeDe trimmed (ID)" in md and "worst 25% of patches" in md
+    asset = [r for r in saved["records"] if r["method"] == "asset"]  # one per (encoder, trigger), raw view
+    assert sorted((r["encoder"], r["trigger"]) for r in asset) == [
+        ("badencoder_white_square", "white_square"), ("clean", "ctrl"), ("clean", "white_square"), ("ctrl_ctrl", "ctrl")]
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in asset) and "ASSET (simplified" in md
     norm_l2 = [r for r in saved["records"] if r["method"] == "embedding_norm" and r["view"] == "l2"]
     assert all(r["auroc"] == pytest.approx(0.5) for r in norm_l2)  # constant norm: chance level, as it must be
     assert {v["name"] for v in results["victims"]} == {"clean", "badencoder_white_square", "ctrl_ctrl"}

@@ -25,6 +25,10 @@ trigger stamped in uint8 (positives). Variants:
 Victims are built (``config.victims``) and/or loaded from the user's files
 (``config.victim_files`` + ``config.clean_encoder``, the control); ``data`` may
 be the user's sets (``load_eval_data``) instead of the demo split.
+Baselines: embedding norm, kNN distance, simplified DECREE (model-level) and
+simplified ASSET (``baselines/asset.py``; it screens the ID split with
+``asset_poison_rate`` of it triggered, or the poisoned ID set, against the
+clean held-out split, and scores the test set).
 The threshold is calibrated at ``fpr`` on clean held-out images of the
 decoder's own training regime (never on test scores), and "after removal"
 numbers re-measure the linear probe on what the detector lets through.
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 
 from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
+from dede_rt.baselines.asset import AssetConfig, asset_scores
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimFile, VictimSpec,
@@ -78,6 +83,8 @@ class EvalConfig:
     holdout_fraction: float = 0.15
     knn_k: int = 10
     decree_steps: int = 200
+    asset_epochs: int = 1  # ASSET baseline epochs (the reference: 1); 0 = skip
+    asset_poison_rate: float = 0.1  # ASSET screens the ID split with this share triggered (poison_rate when > 0)
     recon_examples: int = 6
     victim_files: tuple[str, ...] = ()  # "[NAME=]ATTACK:TRIGGER=PATH": the user's victims, loaded instead of built
     clean_encoder: str | None = None  # the user's clean encoder: the control row of loaded victims
@@ -107,6 +114,9 @@ class EvalConfig:
             raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
         if not 0.0 <= self.high_norm_share < 1.0:
             raise UserError(f"--high-norm-share must be in [0, 1), got {self.high_norm_share}")
+        if self.asset_epochs < 0 or not 0.0 < self.asset_poison_rate < 1.0:
+            raise UserError(f"ASSET needs --asset-epochs >= 0 and a poison rate in (0, 1), got {self.asset_epochs} "
+                            f"and {self.asset_poison_rate}")
         if not 0.0 <= self.trim < 1.0:
             raise UserError(f"--trim is the share of patches the patch-robust score drops: in [0, 1), got {self.trim}")
         if not self.regimes or set(self.regimes) - {"id", "ood"}:
@@ -227,6 +237,11 @@ def _decree_job(args: tuple) -> dict:
     return {**res.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _asset_job(args: tuple) -> np.ndarray:
+    torch.set_num_threads(1)
+    return asset_scores(*args[3:])
+
+
 def _map(fn, jobs: list, workers: int, log=None, label=None) -> list:
     """Run ``fn`` over ``jobs`` in ``workers`` processes (in-process when workers <= 1), logging completions."""
     if workers <= 1:
@@ -302,6 +317,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     records: list[dict] = []
     curves: dict = {}
     jobs: list[DecoderJob] = []
+    asset_jobs: list[tuple] = []
     state: dict[str, dict] = {}
     for victim in encoders:
         encoder = victim.encoder(image_size=normalization.image_size)
@@ -326,6 +342,16 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
             return f"id+{t}" if regime == "id" and poisoned else regime
 
         labels_for = {t: np.r_[np.zeros(len(data.test)), np.ones(len(trig_labels))] for t in own}
+        if config.asset_epochs and "id" in config.regimes:
+            train_idx, hold_idx = splits["id"]
+            for t in own:  # ASSET screens a suspect set (ID split, partly triggered) against a clean base set
+                suspect, z_suspect = (train_sets[f"id+{t}"], raw[f"id+{t}"]) if poisoned else poison_training_split(
+                    encoder, normalization, data.id_train, raw["id"], train_idx, config.asset_poison_rate,
+                    triggers_by_name[t], config.victim.seed)
+                asset_jobs.append((victim.name, victim.attack, t, suspect[train_idx], data.id_train_labels[train_idx],
+                                   z_suspect[train_idx], data.id_train[hold_idx], raw["id"][hold_idx],
+                                   np.r_[data.test, triggered[t]], np.r_[data.test_labels, trig_labels], normalization,
+                                   AssetConfig(epochs=config.asset_epochs, seed=config.victim.seed)))
         for t in own:
             common = {"encoder": victim.name, "attack": victim.attack, "trigger": t}
             records.append({**common, "view": "raw", "method": "probe", "regime": "-", "seed": None,
@@ -419,6 +445,14 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
             decree[v.name] = res
             log(f"  {v.name} DECREE (simplified): PL1-norm {res['pl1_norm']:.3f}, similarity {res['similarity']:.3f}, "
                 f"{'trojaned' if res['trojaned'] else 'clean'} ({res['seconds']:.0f} s)")
+    if asset_jobs:
+        log(f"ASSET (simplified): {len(asset_jobs)} offset trainings")
+    for job, scores in zip(asset_jobs, _map(_asset_job, asset_jobs, workers)):
+        name, attack, t = job[:3]
+        labels = np.r_[np.zeros(len(data.test)), np.ones(len(scores) - len(data.test))]
+        records.append({"encoder": name, "attack": attack, "trigger": t, "view": "raw", "method": "asset",
+                        "regime": "id", "seed": None, **detection_report(labels, scores)})
+        curves[(name, t, "raw", "asset", "id")] = (labels, scores)
     results = {
         "config": config.to_dict(), "data": data.summary(), "target_class": target,
         "victims": [v.to_dict() for v in encoders], "decree": decree, "records": records,

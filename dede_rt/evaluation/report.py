@@ -11,7 +11,7 @@ import numpy as np
 ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "drupe": "DRUPE", "ctrl": "CTRL"}
 TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "ctrl": "frequency"}
 METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"), ("dede", "ood", "DeDe (OOD)"),
-                  ("embedding_norm", "-", "Emb. norm"),
+                  ("embedding_norm", "-", "Emb. norm"), ("asset", "id", "ASSET (simplified)"),
                   ("knn", "id", "kNN dist. (ID ref)"), ("knn", "ood", "kNN dist. (OOD ref)"))
 
 
@@ -85,7 +85,10 @@ def markdown_table(results: dict) -> str:
              f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
              "L2-normalized. " + (f"DeDe trimmed = the same decoders scored without the worst {cfg['trim']:.0%} of "
                                     "patches per image (patch-robust variant; the reference sums all patches). "
-                                    if cfg.get("trim") else "") + "DECREE (simplified, "
+                                    if cfg.get("trim") else "") + (f"ASSET (simplified, `baselines/asset.py`): offset-trained classifier's cross-entropy, {cfg['asset_epochs']} "
+                 f"epoch(s) on the ID split with {cfg.get('poison_rate') or cfg['asset_poison_rate']:.0%} of it "
+                 "triggered, clean base set = the held-out split. " if cfg.get("asset_epochs") else "")
+             + "DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]

@@ -148,22 +148,30 @@ def _l2(z: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def embedding_scores(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
-                     embeddings: np.ndarray, batch_size: int = 512, trim: float | None = None) -> np.ndarray:
-    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio).
+def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
+                         embeddings: np.ndarray, trim: float | None = None,
+                         batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+    """(reference scores, patch-robust scores or None) from cached embeddings, in one decoder pass.
 
-    ``trim``: the patch-robust variant (``trimmed_sse``) instead of the reference sum over all patches.
+    Valid when no patch is visible at the test mask ratio; ``trim``: the share ``trimmed_sse`` drops (None = skip).
     """
     p = decoder.config.patch_size
-    out = np.empty(len(images_u8), np.float32)
+    sums = np.empty(len(images_u8), np.float32)
+    trimmed = None if trim is None else np.empty(len(images_u8), np.float32)
     for start in range(0, len(images_u8), batch_size):
         x = normalization.apply(images_u8[start : start + batch_size])
         z = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch_size]))
         pred, target = decoder.decode_embedding(z), patchify_images(x, p)
-        masked = torch.ones(pred.shape[:2], dtype=torch.bool)
-        score = masked_sse(pred, target, masked) if trim is None else trimmed_sse(pred, target, trim)
-        out[start : start + len(x)] = score.numpy()
-    return out
+        sums[start : start + len(x)] = masked_sse(pred, target, torch.ones(pred.shape[:2], dtype=torch.bool)).numpy()
+        if trimmed is not None:
+            trimmed[start : start + len(x)] = trimmed_sse(pred, target, trim).numpy()
+    return sums, trimmed
+
+
+def embedding_scores(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
+                     embeddings: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio)."""
+    return embedding_score_sets(decoder, normalization, images_u8, embeddings, None, batch_size)[0]
 
 
 @torch.no_grad()
@@ -213,11 +221,10 @@ def run_decoder_job(job: DecoderJob) -> dict:
     norm = job.normalization
     result = train_decoder(None, norm, job.train_images, job.decoder_config, job.train,
                            embeddings=job.train_embeddings, progress=False)
-    scores = {k: embedding_scores(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k])
-              for k in job.eval_images}
-    trimmed = {} if not job.trim else {
-        k: embedding_scores(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k], trim=job.trim)
-        for k in job.eval_images}
+    both = {k: embedding_score_sets(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k],
+                                    job.trim or None) for k in job.eval_images}
+    scores = {k: sums for k, (sums, _) in both.items()}
+    trimmed = {k: t for k, (_, t) in both.items() if t is not None}
     recon = {}
     if job.recon:
         recon = {k: reconstruct(result.decoder, norm, job.eval_embeddings[k][: job.recon])

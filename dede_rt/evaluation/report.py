@@ -68,6 +68,20 @@ def _id_caption(cfg: dict, train_set: str) -> str:
             f"trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out images;{mod}")
 
 
+def _optional_columns_caption(cfg: dict) -> str:
+    """What the DeDe-trimmed and ASSET columns are, for the runs that have them."""
+    text = ""
+    if cfg.get("trim"):
+        text += (f"DeDe trimmed = the same decoders scored without the worst {cfg['trim']:.0%} of patches per image "
+                 "(patch-robust variant; the reference sums all patches). ")
+    if cfg.get("asset_epochs"):
+        rate = cfg.get("poison_rate") or cfg["asset_poison_rate"]
+        text += (f"ASSET (simplified, `baselines/asset.py`): offset-trained classifier's cross-entropy, "
+                 f"{cfg['asset_epochs']} epoch(s) on the ID split with {rate:.0%} of it triggered, clean base set = "
+                 "the held-out split. ")
+    return text
+
+
 def markdown_table(results: dict) -> str:
     """The results as Markdown: detection table (rows attacks, columns methods) and downstream BA/ASR table."""
     rows = aggregate(results["records"])
@@ -83,12 +97,7 @@ def markdown_table(results: dict) -> str:
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
              f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
-             "L2-normalized. " + (f"DeDe trimmed = the same decoders scored without the worst {cfg['trim']:.0%} of "
-                                    "patches per image (patch-robust variant; the reference sums all patches). "
-                                    if cfg.get("trim") else "") + (f"ASSET (simplified, `baselines/asset.py`): offset-trained classifier's cross-entropy, {cfg['asset_epochs']} "
-                 f"epoch(s) on the ID split with {cfg.get('poison_rate') or cfg['asset_poison_rate']:.0%} of it "
-                 "triggered, clean base set = the held-out split. " if cfg.get("asset_epochs") else "")
-             + "DECREE (simplified, "
+             f"L2-normalized. {_optional_columns_caption(cfg)}DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]

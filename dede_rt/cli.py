@@ -51,6 +51,8 @@ def train(
     high_norm_share: float = typer.Option(0.0, help="The reference's CTRL mod: train this share of the images with "
                                           "the largest embedding norm toward a constant image (e.g. the suspected "
                                           "poison rate; 0 = off)."),
+    train_precision: str = typer.Option("fp32", help="fp32 (reference) or bf16: the decoder's forward pass under "
+                                        "bfloat16 autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
     patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),
@@ -66,7 +68,8 @@ def train(
     detector = train_detector(
         encoder, data, out, norm,
         {"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth, "decoder_depth": decoder_depth},
-        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip, high_norm_share),
+        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip, high_norm_share,
+                    train_precision),
         encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet)
     t = detector.extra["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
@@ -125,6 +128,8 @@ def eval_command(
     ctrl_rate: float = typer.Option(0.01, help="CTRL poisoning rate of the pre-training set."),
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
     decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
+    train_precision: str = typer.Option("fp32", help="Decoder training precision: fp32 or bf16 (bfloat16 autocast, "
+                                        "~1.8x faster on CPUs with AVX512-BF16/AMX)."),
     patch_size: int = typer.Option(4, help="Decoder patch size; must leave no patch visible at test time "
                                    "(e.g. 4 for 32 px, 8 for 64 px, 32 for 224 px)."),
     seeds: str = typer.Option("21,22,23", help="Decoder seeds (comma-separated); the table reports mean ± std."),
@@ -181,7 +186,7 @@ def eval_command(
                             target=target),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
-        decoder_epochs=decoder_epochs, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
+        decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list, regimes=regime_list, poison_rate=poison_rate,
         trim=trim, high_norm_share=high_norm_share, asset_epochs=asset_epochs,
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,

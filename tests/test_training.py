@@ -71,6 +71,22 @@ def test_adamw_and_grad_clip_options(setup):
         train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, optimizer="sgd"), progress=False)
 
 
+def test_bf16_training_is_seeded_and_tracks_fp32(setup):
+    """bf16 autocast changes the arithmetic, not the training: same seed, same run; losses close to fp32's."""
+    enc, norm, imgs = setup
+    conf = TrainConfig(epochs=3, batch_size=32, seed=5, precision="bf16")
+    a = train_decoder(enc, norm, imgs, DCONF, conf, progress=False)
+    b = train_decoder(enc, norm, imgs, DCONF, conf, progress=False)
+    assert a.losses == b.losses and torch.equal(_weights(a), _weights(b))
+    assert all(p.dtype == torch.float32 for p in a.decoder.parameters())  # master weights stay fp32
+    fp32 = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5), progress=False)
+    assert a.losses != fp32.losses  # autocast really ran
+    np.testing.assert_allclose(a.losses, fp32.losses, rtol=0.05)
+    assert a.losses[-1] < a.losses[0]
+    with pytest.raises(UserError, match="unknown training precision"):
+        TrainConfig(precision="fp8")
+
+
 def test_wrong_embedding_dimension(setup):
     enc, norm, imgs = setup
     with pytest.raises(UserError, match="512-d"):

@@ -71,6 +71,7 @@ class EvalConfig:
     decoder_epochs: int = 40
     decoder_batch: int = 128
     decoder_lr: float = 1e-3
+    decoder_precision: str = "fp32"  # "bf16": decoders train under bfloat16 autocast (TrainConfig.precision)
     train_mask_ratio: float = 0.9
     poison_rate: float = 0.0  # share of the ID training split carrying the row's trigger (reference: 0.1)
     trim: float = 0.25  # the patch-robust DeDe column drops this share of worst patches (0 = no such column)
@@ -112,7 +113,7 @@ class EvalConfig:
         names += [f.name for f in files]
         if len(set(names)) < len(names):
             raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
-        TrainConfig(high_norm_share=self.high_norm_share)  # its own check, before any victim is built
+        TrainConfig(high_norm_share=self.high_norm_share, precision=self.decoder_precision)  # its own check, before any victim is built
         if self.asset_epochs < 0 or not 0.0 < self.asset_poison_rate < 1.0:
             raise UserError(f"ASSET needs --asset-epochs >= 0 and a poison rate in (0, 1), got {self.asset_epochs} "
                             f"and {self.asset_poison_rate}")
@@ -400,7 +401,8 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                         jobs.append(DecoderJob(victim.name, view, regime, seed, dconf,
                                                TrainConfig(config.decoder_epochs, config.decoder_batch,
                                                            config.decoder_lr, mask_ratio=config.train_mask_ratio,
-                                                           seed=seed, high_norm_share=config.high_norm_share),
+                                                           seed=seed, high_norm_share=config.high_norm_share,
+                                                           precision=config.decoder_precision),
                                                train_sets[key][train_idx], emb[key][train_idx], eval_images, eval_emb,
                                                group, config.recon_examples if first else 0, normalization,
                                                config.trim))

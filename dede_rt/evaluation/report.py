@@ -68,6 +68,12 @@ def _id_caption(cfg: dict, train_set: str) -> str:
             f"trains on the suspect data (kNN uses the same reference set); thresholds from clean held-out images;{mod}")
 
 
+def _precision_caption(cfg: dict) -> str:
+    """' (bf16 training)' when decoders trained under bfloat16 autocast; empty for the fp32 reference."""
+    precision = cfg.get("decoder_precision", "fp32")
+    return "" if precision == "fp32" else f" ({precision} training)"
+
+
 def _optional_columns_caption(cfg: dict) -> str:
     """What the DeDe-trimmed and ASSET columns are, for the runs that have them."""
     text = ""
@@ -96,7 +102,7 @@ def markdown_table(results: dict) -> str:
     lines = ["### Detection: AUROC (mean±std over decoder seeds) / AUPRC / TPR at 1% FPR", "",
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
-             f"{cfg['decoder_epochs']} epochs, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
+             f"{cfg['decoder_epochs']} epochs{_precision_caption(cfg)}, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
              f"L2-normalized. {_optional_columns_caption(cfg)}DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",

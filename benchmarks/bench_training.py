@@ -8,6 +8,8 @@ Three ways to run one decoder epoch over the same images with the same decoder:
 - ``reference``: like tardisblue9/DeDe main.py: the encoder runs on every batch
   WITH autograd (its parameters are not frozen there, so backward also walks
   the encoder).
+- ``cached-bf16``: ``cached`` with the decoder's forward pass under bfloat16
+  autocast (``TrainConfig.precision="bf16"``, ``--train-precision bf16``).
 Throughput is measured over ``--steps`` optimizer steps per mode (after one
 warm-up step) and reported as images/s, per-epoch seconds, and the ratio of
 total time for ``--epochs`` epochs (embedding cost included for ``cached``).
@@ -40,9 +42,10 @@ DECODERS = {
 }
 
 
-def time_library_loop(encoder, norm, images, dconf, steps, batch, reencode, embeddings=None) -> float:
-    """Seconds per training step of ``train_decoder`` (cached or re-encoding)."""
-    config = TrainConfig(epochs=1, batch_size=batch, seed=0)
+def time_library_loop(encoder, norm, images, dconf, steps, batch, reencode, embeddings=None,
+                      precision: str = "fp32") -> float:
+    """Seconds per training step of ``train_decoder`` (cached or re-encoding, fp32 or bf16 autocast)."""
+    config = TrainConfig(epochs=1, batch_size=batch, seed=0, precision=precision)
     train_decoder(encoder, norm, images[: batch], dconf, config, embeddings=None if reencode else embeddings[:batch],
                   progress=False, reencode=reencode, max_steps=1)  # warm-up
     t0 = time.perf_counter()
@@ -98,24 +101,29 @@ def main() -> None:
         dconf = DecoderConfig(embed_dim=backbone.embed_dim, **DECODERS[name])
         per_step = {
             "cached": time_library_loop(encoder, norm, images, dconf, args.steps, args.batch, False, embeddings),
+            "cached-bf16": time_library_loop(encoder, norm, images, dconf, args.steps, args.batch, False, embeddings,
+                                             "bf16"),
             "reencode": time_library_loop(encoder, norm, images, dconf, args.steps, args.batch, True),
             "reference": time_reference_loop(build_resnet(args.arch).eval(), norm, images, dconf, args.steps, args.batch),
         }
         steps_per_epoch = int(np.ceil(len(images) / args.batch))
         total = {m: s * steps_per_epoch * args.epochs for m, s in per_step.items()}
         total["cached"] += embed_seconds
+        total["cached-bf16"] += embed_seconds
         row = {"arch": args.arch, "decoder": name, "images": len(images), "batch": args.batch,
                "embed_once_seconds": round(embed_seconds, 3),
                **{f"{m}_images_per_second": round(args.batch / s, 1) for m, s in per_step.items()},
                **{f"{m}_epoch_seconds": round(s * steps_per_epoch, 2) for m, s in per_step.items()},
                "epochs": args.epochs,
                "speedup_vs_reencode": round(total["reencode"] / total["cached"], 2),
-               "speedup_vs_reference": round(total["reference"] / total["cached"], 2)}
+               "speedup_vs_reference": round(total["reference"] / total["cached"], 2),
+               "bf16_speedup_vs_fp32_cached": round(total["cached"] / total["cached-bf16"], 2)}
         rows.append(row)
         print(json.dumps(row))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"benchmark": "decoder training: cached embeddings vs re-encoding",
                                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                                  "torch": torch.__version__},
                                      "rows": rows}, indent=2) + "\n")
 

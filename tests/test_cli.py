@@ -52,6 +52,9 @@ def test_missing_data(tmp_path, encoder_file):
 def test_bad_option_values(tmp_path, encoder_file):
     proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path, "--out", tmp_path / "o", "--mean", "1,2")
     assert_one_line_error(proc, "three comma-separated numbers")
+    proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path, "--out", tmp_path / "o",
+                   "--train-precision", "fp8")
+    assert_one_line_error(proc, "unknown training precision 'fp8'")
 
 
 def test_wrong_embedding_dimension(edited_bundle):

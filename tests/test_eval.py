@@ -226,6 +226,7 @@ def _eval_cli(*args):
     ("unknown_trigger", "unknown trigger 'checkerboard'"),
     ("unlabelled_test", "the test data needs labels"),
     ("bad_trim", "--trim is the share of patches"),
+    ("bad_precision", "unknown training precision 'fp8'"),
 ])
 def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     u = user_files
@@ -235,7 +236,9 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
             "unlabelled_test": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
                                 u / "clean.pth", "--train-data", u / "train", "--test-data", u / "unlabelled.npz"],
             "bad_trim": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
-                         u / "clean.pth", "--trim", "1.0"]}[case]
+                         u / "clean.pth", "--trim", "1.0"],
+            "bad_precision": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
+                              u / "clean.pth", "--train-precision", "fp8"]}[case]
     proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +52,7 @@ class TrainConfig:
     # embedding norm, is trained toward a constant image (1 everywhere, normalized) instead of itself.
     high_norm_share: float = 0.0
     # "bf16": the decoder's forward pass runs under bfloat16 autocast (weights, optimizer and loss stay fp32);
-    # ~1.8x faster on CPUs with AVX512-BF16/AMX and on recent GPUs. "fp32" is the reference.
+    # ~1.8x faster on CPUs with AVX512-BF16/AMX. "fp32" is the reference.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -131,7 +131,9 @@ def _load_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Op
                      generator: torch.Generator, config: TrainConfig) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
-    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items() if k != "epochs" and saved.get(k) != v}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # options newer than the checkpoint: their default
+    changed = {k: (saved.get(k, defaults[k]), v) for k, v in config.to_dict().items()
+               if k != "epochs" and saved.get(k, defaults[k]) != v}
     if changed:
         raise UserError(f"{path}: cannot resume, training options changed: {changed}")
     decoder.load_state_dict(state["decoder"])

@@ -57,13 +57,14 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
                         victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1, ctrl_rate=0.02),
                         decoder={"dim": 32, "heads": 2, "encoder_depth": 1, "decoder_depth": 1, "patch_size": 4},
                         decoder_epochs=1, decoder_batch=64, seeds=(1, 2), l2_regimes=("id",), decree_steps=3,
-                        knn_k=5, recon_examples=3)
+                        knn_k=5, recon_examples=3, decoder_precision="bf16")
     lines = []
     results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
     out = tmp_path / "out"
     md = (out / "results.md").read_text()
     assert "| BadEncoder | white square | raw |" in md and "| BadEncoder | white square | l2 |" in md
     assert "| control: clean encoder | white square | raw |" in md and "| CTRL | frequency | raw |" in md
+    assert "1 epochs (bf16 training), decoder" in md
     for name in ("roc.png", "histograms.png", "reconstructions.png"):
         assert 0 < (out / name).stat().st_size < 300_000
     saved = json.loads((out / "results.json").read_text())

@@ -62,6 +62,27 @@ def test_resume_continues_bit_exactly(setup, tmp_path):
                       checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+def test_resume_accepts_a_checkpoint_from_before_an_option_existed(setup, tmp_path):
+    """A checkpoint written before ``precision`` existed resumes as its default (fp32), and refuses bf16."""
+    import json
+
+    enc, norm, imgs = setup
+    train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5), checkpoint_dir=tmp_path,
+                  progress=False)
+    ckpt = tmp_path / "train_state.pt"
+    state = torch.load(ckpt, weights_only=True)
+    old = json.loads(state["config"])
+    del old["precision"]
+    state["config"] = json.dumps(old)
+    torch.save(state, ckpt)
+    resumed = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=2, batch_size=32, seed=5),
+                            checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert resumed.epochs_run == 1
+    with pytest.raises(UserError, match="'precision': \\('fp32', 'bf16'\\)"):
+        train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5, precision="bf16"),
+                      checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
 def test_adamw_and_grad_clip_options(setup):
     enc, norm, imgs = setup
     r = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, optimizer="adamw", grad_clip=1.0),

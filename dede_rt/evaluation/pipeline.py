@@ -113,7 +113,8 @@ class EvalConfig:
         names += [f.name for f in files]
         if len(set(names)) < len(names):
             raise UserError(f"victim names must be unique, got {names}; name them with NAME=ATTACK:TRIGGER=PATH")
-        TrainConfig(high_norm_share=self.high_norm_share, precision=self.decoder_precision)  # its own check, before any victim is built
+        # TrainConfig's own checks, before any victim is built
+        TrainConfig(high_norm_share=self.high_norm_share, precision=self.decoder_precision)
         if self.asset_epochs < 0 or not 0.0 < self.asset_poison_rate < 1.0:
             raise UserError(f"ASSET needs --asset-epochs >= 0 and a poison rate in (0, 1), got {self.asset_epochs} "
                             f"and {self.asset_poison_rate}")

@@ -102,8 +102,8 @@ def markdown_table(results: dict) -> str:
     lines = ["### Detection: AUROC (mean±std over decoder seeds) / AUPRC / TPR at 1% FPR", "",
              f"Test set per row: {results['data']['test']} clean test images + the non-target-class ones with the "
              f"trigger (target class {results['target_class']}). DeDe: {len(cfg['seeds'])} decoder seeds, "
-             f"{cfg['decoder_epochs']} epochs{_precision_caption(cfg)}, decoder {cfg['decoder']}. {regimes} `l2` = same encoder, embeddings "
-             f"L2-normalized. {_optional_columns_caption(cfg)}DECREE (simplified, "
+             f"{cfg['decoder_epochs']} epochs{_precision_caption(cfg)}, decoder {cfg['decoder']}. {regimes} `l2` = same "
+             f"encoder, embeddings L2-normalized. {_optional_columns_caption(cfg)}DECREE (simplified, "
              "model-level): normalized L1 of the smallest inverted trigger, one number per encoder (< 0.1 = trojaned).",
              "", "| victim | trigger | embeddings | ASR | " + " | ".join(c[2] for c in METHOD_COLUMNS) + " | DECREE PL1 |",
              "|" + "---|" * (5 + len(METHOD_COLUMNS))]

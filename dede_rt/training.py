@@ -131,9 +131,9 @@ def _load_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Op
                      generator: torch.Generator, config: TrainConfig) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
-    defaults = {f.name: f.default for f in fields(TrainConfig)}  # options newer than the checkpoint: their default
-    changed = {k: (saved.get(k, defaults[k]), v) for k, v in config.to_dict().items()
-               if k != "epochs" and saved.get(k, defaults[k]) != v}
+    # options newer than the checkpoint count as their defaults
+    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
+    changed = {k: (saved[k], v) for k, v in config.to_dict().items() if k != "epochs" and saved[k] != v}
     if changed:
         raise UserError(f"{path}: cannot resume, training options changed: {changed}")
     decoder.load_state_dict(state["decoder"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dede_rt.data.transforms import Normalization
-from dede_rt.evaluation.pipeline import EvalConfig, embedding_score_sets, embedding_scores, run_eval
+from dede_rt.evaluation.pipeline import EvalConfig, embedding_score_sets, run_eval
 from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
 
@@ -25,7 +25,8 @@ def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_i
     det = load_detector(tiny_detector_dir)
     images = demo_images.images[300:340]
     z = compute_embeddings(det.encoder, det.normalization, images)
-    assert np.allclose(embedding_scores(det.decoder, det.normalization, images, z), det.score(images), rtol=1e-5)
+    sums_only, no_trim = embedding_score_sets(det.decoder, det.normalization, images, z)
+    assert np.allclose(sums_only, det.score(images), rtol=1e-5) and no_trim is None
     # one pass gives both: the reference sum and the patch-robust score (a quarter of the patches dropped: lower)
     sums, trimmed = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25)
     assert np.allclose(sums, det.score(images), rtol=1e-5) and (trimmed < sums).all() and (trimmed > 0).all()

@@ -169,12 +169,6 @@ def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, ima
     return sums, trimmed
 
 
-def embedding_scores(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
-                     embeddings: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """DeDe scores from cached embeddings (valid when no patch is visible at the test mask ratio)."""
-    return embedding_score_sets(decoder, normalization, images_u8, embeddings, None, batch_size)[0]
-
-
 @torch.no_grad()
 def reconstruct(decoder: DeDeDecoder, normalization: Normalization, embeddings: np.ndarray) -> np.ndarray:
     """uint8 NHWC reconstructions from embeddings alone."""

@@ -96,6 +96,31 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     assert sum("reusing" in line for line in lines) == 3
 
 
+def test_victim_cache_keeps_victims_built_with_other_settings(tmp_path):
+    from dede_rt.evaluation.victims import victim_cache_paths
+
+    def build(key):  # what simclr_victim / build_victims write after training
+        path, meta_path, meta = victim_cache_paths(tmp_path, "ctrl_ctrl", key)
+        assert meta is None
+        path.write_bytes(b"weights")
+        meta_path.write_text(json.dumps({"key": key, "path": str(path), "build_seconds": 1.0}))
+        return path
+
+    one, four = build({"attack": "ctrl", "rate": 0.01}), build({"attack": "ctrl", "rate": 0.04})
+    assert one != four and one.is_file() and four.is_file()  # the second build did not overwrite the first
+    for key, path in (({"attack": "ctrl", "rate": 0.01}, one), ({"attack": "ctrl", "rate": 0.04}, four)):
+        assert victim_cache_paths(tmp_path, "ctrl_ctrl", key)[0] == path
+        assert victim_cache_paths(tmp_path, "ctrl_ctrl", key)[2]["build_seconds"] == 1.0
+    # a victim cached by an older version as plain name.pth/.json is still reused when its key matches
+    legacy = tmp_path / "clean.pth"
+    legacy.write_bytes(b"weights")
+    (tmp_path / "clean.json").write_text(json.dumps({"key": {"epochs": 30}, "path": str(legacy), "build_seconds": 2}))
+    path, _, meta = victim_cache_paths(tmp_path, "clean", {"epochs": 30})
+    assert path == legacy and meta["build_seconds"] == 2
+    path, _, meta = victim_cache_paths(tmp_path, "clean", {"epochs": 200})
+    assert meta is None and path != legacy
+
+
 def test_poison_training_split_stamps_only_the_chosen_training_images(demo_images):
     from dede_rt.data.transforms import Normalization
     from dede_rt.data.triggers import white_square

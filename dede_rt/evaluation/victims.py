@@ -22,6 +22,7 @@ and measure them with the same linear probe as built victims.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -268,6 +269,20 @@ def _cached(meta_path: Path, key: dict) -> dict | None:
     return None
 
 
+def victim_cache_paths(out: Path, name: str, key: dict) -> tuple[Path, Path, dict | None]:
+    """Checkpoint and metadata paths of victim ``name`` built with settings ``key``, plus its metadata if built.
+
+    Each settings key gets its own files (``name-<digest>``), so building a victim with other settings in the
+    same directory does not overwrite one that took many minutes; a plain ``name.pth`` from older versions is
+    still reused when its key matches.
+    """
+    if (meta := _cached(out / f"{name}.json", key)) is not None:
+        return Path(meta["path"]), out / f"{name}.json", meta
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path, meta_path = out / f"{name}-{digest}.pth", out / f"{name}-{digest}.json"
+    return path, meta_path, _cached(meta_path, key)
+
+
 def base_key(config: VictimConfig, data: EvalData, normalization: Normalization | None = None) -> dict:
     """The settings a SimCLR victim depends on (its cache key)."""
     skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "drupe")
@@ -279,9 +294,9 @@ def base_key(config: VictimConfig, data: EvalData, normalization: Normalization 
 
 def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normalization: Normalization,
                   config: VictimConfig, progress: bool = True, log=print) -> tuple[Path, float]:
-    """SimCLR-train a resnet on ``images`` into ``out/name.pth`` unless a checkpoint with the same key exists."""
-    path, meta_path = out / f"{name}.pth", out / f"{name}.json"
-    if (meta := _cached(meta_path, key)) is not None:
+    """SimCLR-train a resnet on ``images`` into ``out`` unless a checkpoint with the same key exists there."""
+    path, meta_path, meta = victim_cache_paths(out, name, key)
+    if meta is not None:
         log(f"victim {name}: reusing {path}")
         return path, meta["build_seconds"]
     t0 = time.perf_counter()
@@ -339,8 +354,8 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
             key = {**base, "attack": spec.attack, "trigger": spec.trigger, "epochs": config.finetune_epochs,
                    "lr": config.finetune_lr, "shadow": len(shadow), "references": config.references,
                    "drupe": asdict(DRUPEConfig(**config.drupe)) if spec.attack == "drupe" else config.drupe}
-            path, meta_path = out / f"{spec.name}.pth", out / f"{spec.name}.json"
-            if (meta := _cached(meta_path, key)) is not None:
+            path, meta_path, meta = victim_cache_paths(out, spec.name, key)
+            if meta is not None:
                 log(f"victim {spec.name}: reusing {path}")
                 seconds = meta["build_seconds"]
             else:

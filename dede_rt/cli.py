@@ -142,6 +142,10 @@ def eval_command(
                                           "constant image (the reference: = --poison-rate, CTRL only)."),
     trim: float = typer.Option(0.25, help="The patch-robust DeDe column drops this share of each image's worst "
                                "patches (0 = no such column); the reference column sums all patches."),
+    relative_k: int = typer.Option(32, help="The relative DeDe column subtracts the mean error of the k clean "
+                                   "prototype reconstructions that fit each image best (0 = no such column)."),
+    prototypes: int = typer.Option(256, help="Clean training embeddings decoded as the relative score's "
+                                   "prototypes."),
     l2: bool = typer.Option(True, help="Also evaluate every encoder with L2-normalized embeddings."),
     l2_regimes: str = typer.Option("id,ood", help="Regimes in which L2-normalized embeddings get DeDe decoders."),
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
@@ -187,8 +191,8 @@ def eval_command(
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list, regimes=regime_list,
-        poison_rate=poison_rate,
-        trim=trim, high_norm_share=high_norm_share, asset_epochs=asset_epochs,
+        poison_rate=poison_rate, trim=trim, relative_k=relative_k, prototypes=prototypes,
+        high_norm_share=high_norm_share, asset_epochs=asset_epochs,
         l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
         victim_files=tuple(victim_file or ()), clean_encoder=str(clean_encoder) if clean_encoder else None,

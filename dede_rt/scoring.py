@@ -34,6 +34,47 @@ def trimmed_sse(pred: torch.Tensor, target: torch.Tensor, trim: float) -> torch.
     return torch.topk(err, keep, dim=1, largest=False).values.sum(dim=1)
 
 
+def prototype_sse(target: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """SSE of every image against every prototype reconstruction: target [N,T,P], prototypes [K,T,P] -> [N,K]."""
+    x, r = target.flatten(1).double(), prototypes.flatten(1).double()  # float64: a difference of large norms
+    return (x.square().sum(1, keepdim=True) - 2.0 * x @ r.T + r.square().sum(1)[None]).clamp_min(0.0).to(target.dtype)
+
+
+def relative_sse(own_sse: torch.Tensor, target: torch.Tensor, prototypes: torch.Tensor, k: int) -> torch.Tensor:
+    """Own-embedding SSE minus the mean SSE of the ``k`` prototypes that fit the image best: [N].
+
+    An embedding-advantage variant of the reference score. ``prototypes`` are the decoder's reconstructions of
+    clean reference embeddings (computed once). A clean image's own embedding redraws it far better than any
+    other image's embedding does; a triggered image's embedding has collapsed toward the backdoor target and
+    carries little of the image, so it redraws it no better than a generic clean embedding. Pixels that no
+    embedding redraws (a pasted sticker or patch the encoder ignores) add about the same error to both terms
+    and cancel, so a clean encoder does not flag them the way the plain sum does.
+    """
+    if not 1 <= k <= len(prototypes):
+        raise ValueError(f"k must be in [1, {len(prototypes)}] (the number of prototypes), got {k}")
+    nearest = torch.topk(prototype_sse(target, prototypes), k, dim=1, largest=False).values
+    return own_sse - nearest.mean(dim=1)
+
+
+PROTOTYPES = 256  # clean reference embeddings the relative score compares against
+RELATIVE_K = 32  # ... of which it averages the k that fit an image best (an eighth)
+
+
+def prototype_indices(n: int, count: int = PROTOTYPES, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subset of ``count`` of ``n`` reference images (all of them when n <= count)."""
+    if n <= count:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
+@torch.no_grad()
+def prototype_reconstructions(decoder: DeDeDecoder, embeddings: torch.Tensor | np.ndarray,
+                              batch_size: int = 512) -> torch.Tensor:
+    """The decoder's reconstructions [K,T,P] of clean reference embeddings, from the embedding alone."""
+    z = torch.as_tensor(np.ascontiguousarray(embeddings) if isinstance(embeddings, np.ndarray) else embeddings)
+    return torch.cat([decoder.decode_embedding(z[i : i + batch_size]) for i in range(0, len(z), batch_size)])
+
+
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """The reference training loss: mean over all pixels of err² · mask, divided by mask_ratio."""
     err = (pred - target).square() * masked[..., None].to(pred.dtype)

@@ -3,7 +3,7 @@ import torch
 
 from dede_rt.models.decoder import (DecoderConfig, DeDeDecoder, draw_masks, patchify_images, unpatchify,
                                     visible_count)
-from dede_rt.scoring import masked_sse, reconstruction_loss, trimmed_sse
+from dede_rt.scoring import masked_sse, prototype_sse, reconstruction_loss, relative_sse, trimmed_sse
 
 SMALL = dict(embed_dim=24, dim=32, heads=2, encoder_depth=2, decoder_depth=1)
 
@@ -101,3 +101,30 @@ def test_trimmed_score_drops_the_worst_patches():
     assert trimmed_sse(pred, target, 0.0).tolist() == masked_sse(pred, target, torch.ones(2, 4, dtype=torch.bool)).tolist()
     with pytest.raises(ValueError, match="trim"):
         trimmed_sse(pred, target, 1.0)
+
+
+def test_relative_score_subtracts_the_best_fitting_prototypes():
+    target = torch.tensor([[[1.0], [0.0]], [[0.0], [3.0]]])  # two images of two 1-value patches
+    prototypes = torch.tensor([[[1.0], [0.0]], [[0.0], [0.0]]])
+    assert prototype_sse(target, prototypes).tolist() == [[0.0, 1.0], [10.0, 9.0]]
+    own = torch.tensor([5.0, 5.0])
+    assert relative_sse(own, target, prototypes, 1).tolist() == pytest.approx([5.0, -4.0])
+    assert relative_sse(own, target, prototypes, 2).tolist() == pytest.approx([4.5, -4.5])
+    with pytest.raises(ValueError, match="k must be"):
+        relative_sse(own, target, prototypes, 3)
+
+
+def test_relative_score_ignores_a_patch_that_no_reconstruction_draws():
+    # a pasted patch (patch 0) that neither the own reconstruction nor any prototype draws shifts the plain SSE
+    # but not the relative score: its error enters both terms equally
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, 4, generator=gen)
+    pred, prototypes = torch.randn(3, 5, 4, generator=gen), torch.randn(6, 5, 4, generator=gen)
+    pred[:, 0], prototypes[:, 0] = 0.0, 0.0  # nothing redraws patch 0
+    stamped = target.clone()
+    stamped[:, 0] = 7.0
+    every = torch.ones(3, 5, dtype=torch.bool)
+    own, own_stamped = masked_sse(pred, target, every), masked_sse(pred, stamped, every)
+    assert (own_stamped - own).min() > 10.0
+    assert relative_sse(own_stamped, stamped, prototypes, 2).tolist() == pytest.approx(
+        relative_sse(own, target, prototypes, 2).tolist(), abs=1e-4)

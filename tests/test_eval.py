@@ -13,6 +13,8 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.evaluation.pipeline import EvalConfig, embedding_score_sets, run_eval
 from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
+from dede_rt.models.decoder import patchify_images
+from dede_rt.scoring import prototype_reconstructions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,11 +27,23 @@ def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_i
     det = load_detector(tiny_detector_dir)
     images = demo_images.images[300:340]
     z = compute_embeddings(det.encoder, det.normalization, images)
-    sums_only, no_trim = embedding_score_sets(det.decoder, det.normalization, images, z)
-    assert np.allclose(sums_only, det.score(images), rtol=1e-5) and no_trim is None
-    # one pass gives both: the reference sum and the patch-robust score (a quarter of the patches dropped: lower)
-    sums, trimmed = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25)
+    only = embedding_score_sets(det.decoder, det.normalization, images, z)
+    assert list(only) == ["dede"] and np.allclose(only["dede"], det.score(images), rtol=1e-5)
+    # one pass gives all three: the reference sum, the patch-robust score (a quarter of the patches dropped: lower)
+    # and the relative score against prototype reconstructions
+    prototypes = prototype_reconstructions(det.decoder, compute_embeddings(det.encoder, det.normalization,
+                                                                            demo_images.images[:50]))
+    got = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25, prototypes=prototypes,
+                               relative_k=3)
+    sums, trimmed = got["dede"], got["dede_trimmed"]
     assert np.allclose(sums, det.score(images), rtol=1e-5) and (trimmed < sums).all() and (trimmed > 0).all()
+    target = patchify_images(det.normalization.apply(images), det.decoder.config.patch_size).flatten(1)
+    nearest = np.sort(torch.cdist(target, prototypes.flatten(1)).square().numpy(), axis=1)[:, :3].mean(1)
+    assert np.allclose(got["dede_relative"], sums - nearest, rtol=1e-4, atol=1e-2)
+    # with the images' own reconstructions among the prototypes, the best fit is at most the own error
+    own = prototype_reconstructions(det.decoder, z)
+    assert embedding_score_sets(det.decoder, det.normalization, images, z, prototypes=own,
+                                relative_k=1)["dede_relative"].min() > -1e-2
 
 
 def test_victim_spec_parsing_and_triggers():
@@ -82,6 +96,9 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     by_key = {key(r): r for r in dede}
     assert all(r["threshold"] < by_key[key(r)]["threshold"] for r in trimmed)
     assert "DeDe trimmed (ID)" in md and "worst 25% of patches" in md
+    relative = [r for r in saved["records"] if r["method"] == "dede_relative"]  # every regime and view
+    assert sorted(map(key, relative)) == sorted(map(key, dede))
+    assert "DeDe relative (ID)" in md and "DeDe relative (OOD)" in md and "best-fitting of 256" in md
     asset = [r for r in saved["records"] if r["method"] == "asset"]  # one per (encoder, trigger), raw view
     assert sorted((r["encoder"], r["trigger"]) for r in asset) == [
         ("badencoder_white_square", "white_square"), ("clean", "ctrl"), ("clean", "white_square"), ("ctrl_ctrl", "ctrl")]
@@ -254,6 +271,7 @@ def _eval_cli(*args):
     ("unlabelled_test", "the test data needs labels"),
     ("bad_trim", "--trim is the share of patches"),
     ("bad_precision", "unknown training precision 'fp8'"),
+    ("bad_relative", "the relative score needs --relative-k >= 0"),
 ])
 def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     u = user_files
@@ -265,7 +283,9 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
             "bad_trim": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
                          u / "clean.pth", "--trim", "1.0"],
             "bad_precision": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
-                              u / "clean.pth", "--train-precision", "fp8"]}[case]
+                              u / "clean.pth", "--train-precision", "fp8"],
+            "bad_relative": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
+                             u / "clean.pth", "--relative-k", "10", "--prototypes", "4"]}[case]
     proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

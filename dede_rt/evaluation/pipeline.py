@@ -21,7 +21,11 @@ trigger stamped in uint8 (positives). Variants:
   the patch-robust variant that drops the worst ``trim`` share of patches
   (``scoring.trimmed_sse``): a pasted patch the decoder cannot redraw raises
   the sum even for a clean encoder; the variant measures the backdoor margin
-  that is not the trigger's own pixels. Same decoders, no extra training.
+  that is not the trigger's own pixels; and (``relative_k``) the relative
+  variant (``scoring.relative_sse``): the image's own-embedding error minus
+  the error of the ``relative_k`` best-fitting reconstructions of clean
+  training embeddings, so pixels no embedding redraws cancel. Same decoders,
+  no extra training.
 Victims are built (``config.victims``) and/or loaded from the user's files
 (``config.victim_files`` + ``config.clean_encoder``, the control); ``data`` may
 be the user's sets (``load_eval_data``) instead of the demo split.
@@ -54,7 +58,8 @@ from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
 from dede_rt.probe import accuracy, attack_success_rate, fit_probe
-from dede_rt.scoring import TEST_MASK_RATIO, masked_sse, trimmed_sse
+from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, masked_sse, prototype_indices,
+                             prototype_reconstructions, relative_sse, trimmed_sse)
 from dede_rt.thresholds import threshold_at_fpr
 from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
 
@@ -75,6 +80,8 @@ class EvalConfig:
     train_mask_ratio: float = 0.9
     poison_rate: float = 0.0  # share of the ID training split carrying the row's trigger (reference: 0.1)
     trim: float = 0.25  # the patch-robust DeDe column drops this share of worst patches (0 = no such column)
+    relative_k: int = RELATIVE_K  # the relative DeDe column: k best-fitting prototypes (0 = no such column)
+    prototypes: int = PROTOTYPES  # clean training embeddings decoded as the relative score's prototypes
     high_norm_share: float = 0.0  # the reference's CTRL mod for every decoder (TrainConfig.high_norm_share)
     seeds: tuple[int, ...] = (21, 22, 23)
     regimes: tuple[str, ...] = ("id", "ood")
@@ -120,6 +127,9 @@ class EvalConfig:
                             f"and {self.asset_poison_rate}")
         if not 0.0 <= self.trim < 1.0:
             raise UserError(f"--trim is the share of patches the patch-robust score drops: in [0, 1), got {self.trim}")
+        if self.relative_k < 0 or self.prototypes < max(1, self.relative_k):
+            raise UserError(f"the relative score needs --relative-k >= 0 (0 = off) and --prototypes >= it, got "
+                            f"{self.relative_k} and {self.prototypes}")
         if not self.regimes or set(self.regimes) - {"id", "ood"}:
             raise UserError(f"regimes are id and/or ood, got {self.regimes}")
         size, patch = self.normalization.image_size, self.decoder["patch_size"]
@@ -150,23 +160,30 @@ def _l2(z: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
-                         embeddings: np.ndarray, trim: float | None = None,
-                         batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
-    """(reference scores, patch-robust scores or None) from cached embeddings, in one decoder pass.
+                         embeddings: np.ndarray, trim: float | None = None, prototypes: torch.Tensor | None = None,
+                         relative_k: int = RELATIVE_K, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Scores by method from cached embeddings, in one decoder pass: "dede" (reference), plus "dede_trimmed"
+    when ``trim`` is given and "dede_relative" when ``prototypes`` are (``scoring.relative_sse``).
 
-    Valid when no patch is visible at the test mask ratio; ``trim``: the share ``trimmed_sse`` drops (None = skip).
+    Valid when no patch is visible at the test mask ratio.
     """
     p = decoder.config.patch_size
-    sums = np.empty(len(images_u8), np.float32)
-    trimmed = None if trim is None else np.empty(len(images_u8), np.float32)
+    methods = ["dede", *(["dede_trimmed"] if trim is not None else []),
+               *(["dede_relative"] if prototypes is not None else [])]
+    out = {m: np.empty(len(images_u8), np.float32) for m in methods}
     for start in range(0, len(images_u8), batch_size):
         x = normalization.apply(images_u8[start : start + batch_size])
         z = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch_size]))
         pred, target = decoder.decode_embedding(z), patchify_images(x, p)
-        sums[start : start + len(x)] = masked_sse(pred, target, torch.ones(pred.shape[:2], dtype=torch.bool)).numpy()
-        if trimmed is not None:
-            trimmed[start : start + len(x)] = trimmed_sse(pred, target, trim).numpy()
-    return sums, trimmed
+        sums = masked_sse(pred, target, torch.ones(pred.shape[:2], dtype=torch.bool))
+        batch = {"dede": sums}
+        if trim is not None:
+            batch["dede_trimmed"] = trimmed_sse(pred, target, trim)
+        if prototypes is not None:
+            batch["dede_relative"] = relative_sse(sums, target, prototypes, relative_k)
+        for m in methods:
+            out[m][start : start + len(x)] = batch[m].numpy()
+    return out
 
 
 @torch.no_grad()
@@ -196,6 +213,8 @@ class DecoderJob:
     recon: int = 0  # reconstruct this many clean/triggered non-target test images
     normalization: Normalization = Normalization()  # the decoder's target normalization (the encoder's)
     trim: float = 0.0  # also score with the patch-robust variant dropping this share of patches (0 = not)
+    relative_k: int = 0  # also score with the relative variant against this many best-fitting prototypes (0 = not)
+    prototypes: int = PROTOTYPES  # ... drawn (seeded) from the decoder's own training embeddings
 
 
 def poison_training_split(encoder: VictimEncoder, normalization: Normalization, images: np.ndarray,
@@ -216,15 +235,18 @@ def run_decoder_job(job: DecoderJob) -> dict:
     norm = job.normalization
     result = train_decoder(None, norm, job.train_images, job.decoder_config, job.train,
                            embeddings=job.train_embeddings, progress=False)
-    both = {k: embedding_score_sets(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k],
-                                    job.trim or None) for k in job.eval_images}
-    scores = {k: sums for k, (sums, _) in both.items()}
-    trimmed = {k: t for k, (_, t) in both.items() if t is not None}
+    prototypes = None
+    if job.relative_k:  # the decoder's own training embeddings (clean unless poison_rate), never scored images
+        pick = prototype_indices(len(job.train_embeddings), job.prototypes)
+        prototypes = prototype_reconstructions(result.decoder, job.train_embeddings[pick])
+    by_set = {k: embedding_score_sets(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k],
+                                      job.trim or None, prototypes, job.relative_k) for k in job.eval_images}
+    scores = {m: {k: by_set[k][m] for k in by_set} for m in next(iter(by_set.values()))}
     recon = {}
     if job.recon:
         recon = {k: reconstruct(result.decoder, norm, job.eval_embeddings[k][: job.recon])
                  for k in job.eval_images if k.startswith("trig:") or k == "test_nontarget"}
-    return {"scores": scores, "trimmed": trimmed, "final_loss": result.losses[-1],
+    return {"scores": scores, "final_loss": result.losses[-1],
             "seconds": time.perf_counter() - t0, "recon": recon}
 
 
@@ -310,6 +332,10 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     trig_labels = data.test_labels[nontarget]
     regimes = {"id": data.id_train, "ood": data.ood_train}
     splits = {r: split_holdout(len(regimes[r]), config.holdout_fraction, 0) for r in config.regimes}
+    for r in config.regimes:
+        if config.relative_k > len(splits[r][0]):
+            raise UserError(f"--relative-k {config.relative_k} exceeds the {len(splits[r][0])} training images of the "
+                            f"{r} regime")
     log(f"data: {data.summary()}; test: {len(data.test)} clean + {int(nontarget.sum())} triggered per trigger")
     for v in encoders:
         status = "control" if v.attack == "clean" else ("backdoored" if v.backdoored else "FAILED attack (ASR < 0.8)")
@@ -400,7 +426,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
                                                            precision=config.decoder_precision),
                                                train_sets[key][train_idx], emb[key][train_idx], eval_images, eval_emb,
                                                group, config.recon_examples if first else 0, normalization,
-                                               config.trim))
+                                               config.trim, config.relative_k, config.prototypes))
     log(f"training {len(jobs)} DeDe decoders ({config.decoder_epochs} epochs each) with {workers} worker(s)")
 
     def label(job: DecoderJob, res: dict, done: int, total: int) -> str:
@@ -412,9 +438,7 @@ def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: st
     for job, res in zip(jobs, outputs):
         st = state[job.encoder]
         victim = st["victim"]
-        for method, sc in (("dede", res["scores"]), ("dede_trimmed", res["trimmed"])):
-            if not sc:
-                continue
+        for method, sc in res["scores"].items():
             threshold = threshold_at_fpr(sc["hold"], config.fpr)
             flag_c = sc["test"] > threshold
             for t in job.triggers:

@@ -10,7 +10,9 @@ import numpy as np
 
 ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "drupe": "DRUPE", "ctrl": "CTRL"}
 TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "ctrl": "frequency"}
-METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"), ("dede", "ood", "DeDe (OOD)"),
+METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"),
+                  ("dede_relative", "id", "DeDe relative (ID)"), ("dede", "ood", "DeDe (OOD)"),
+                  ("dede_relative", "ood", "DeDe relative (OOD)"),
                   ("embedding_norm", "-", "Emb. norm"), ("asset", "id", "ASSET (simplified)"),
                   ("knn", "id", "kNN dist. (ID ref)"), ("knn", "ood", "kNN dist. (OOD ref)"))
 
@@ -75,11 +77,15 @@ def _precision_caption(cfg: dict) -> str:
 
 
 def _optional_columns_caption(cfg: dict) -> str:
-    """What the DeDe-trimmed and ASSET columns are, for the runs that have them."""
+    """What the DeDe-trimmed, DeDe-relative and ASSET columns are, for the runs that have them."""
     text = ""
     if cfg.get("trim"):
         text += (f"DeDe trimmed = the same decoders scored without the worst {cfg['trim']:.0%} of patches per image "
                  "(patch-robust variant; the reference sums all patches). ")
+    if cfg.get("relative_k"):
+        text += (f"DeDe relative = the same decoders' score minus the mean error of the {cfg['relative_k']} best-"
+                 f"fitting of {cfg['prototypes']} reconstructions of clean training embeddings (how much better the "
+                 "image's own embedding redraws it than generic clean embeddings). ")
     if cfg.get("asset_epochs"):
         rate = cfg.get("poison_rate") or cfg["asset_poison_rate"]
         text += (f"ASSET (simplified, `baselines/asset.py`): offset-trained classifier's cross-entropy, "
@@ -164,10 +170,13 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
             for key, style, label in (((enc, trig, "raw", "dede", "id"), "-", "DeDe ID"),
                                       ((enc, trig, "l2", "dede", "id"), "--", "DeDe ID, L2"),
                                       ((enc, trig, "raw", "dede_trimmed", "id"), "-", "DeDe trimmed ID"),
+                                      ((enc, trig, "raw", "dede_relative", "id"), "-", "DeDe relative ID"),
                                       ((enc, trig, "raw", "dede", "ood"), "-.", "DeDe OOD"),
                                       *(((c, trig, "raw", "dede", "id"), ":", "control (clean enc.)"
                                          + ("" if c == "clean" else f" {c}")) for c in controls),
                                       *(((c, trig, "raw", "dede_trimmed", "id"), ":", "control, trimmed"
+                                         + ("" if c == "clean" else f" {c}")) for c in controls),
+                                      *(((c, trig, "raw", "dede_relative", "id"), ":", "control, relative"
                                          + ("" if c == "clean" else f" {c}")) for c in controls),
                                       ((enc, trig, "raw", "embedding_norm", "-"), "-", "emb. norm"),
                                       ((enc, trig, "raw", "knn", "id"), "-", "kNN")):

@@ -55,6 +55,11 @@ def train(
                                         "bfloat16 autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
     patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
+    score: str = typer.Option("reference", help="reference (DeDe's summed error) or relative (minus the error of "
+                              "the best-fitting clean prototype reconstructions: a pasted patch no embedding redraws "
+                              "cancels; torch backend only so far)."),
+    relative_k: int = typer.Option(32, help="relative score: how many best-fitting prototypes it averages."),
+    prototypes: int = typer.Option(256, help="relative score: clean training embeddings kept as prototypes."),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),
     resume: bool = typer.Option(False, help="Resume from OUT/checkpoints if a run was interrupted."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -64,13 +69,16 @@ def train(
     from dede_rt.training import TrainConfig, train_detector
 
     norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size)
+    if score not in ("reference", "relative"):
+        raise UserError(f"--score is reference or relative, got {score!r}")
     fprs = tuple(sorted({fpr, 0.01, 0.05}))
     detector = train_detector(
         encoder, data, out, norm,
         {"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth, "decoder_depth": decoder_depth},
         TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip, high_norm_share,
                     train_precision),
-        encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet)
+        encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet,
+        relative_k=relative_k if score == "relative" else 0, prototypes=prototypes)
     t = detector.extra["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
                f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "

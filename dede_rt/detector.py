@@ -6,6 +6,7 @@
                                training summary, versions
       decoder.safetensors      decoder weights
       calibration_scores.npy   clean held-out scores (re-threshold at any FPR)
+      prototypes.npy           only for the relative score: clean reference embeddings [K, D]
       encoder.<ext>            only with embed_encoder=True
 
 ``Detector.load`` checks the encoder file's SHA-256 against the manifest and
@@ -29,12 +30,17 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import IntegrityError, UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
 from dede_rt.models.encoders import VictimEncoder, load_encoder, sha256_file
-from dede_rt.scoring import MASK_SEED, TEST_MASK_RATIO, score_images
+from dede_rt.scoring import (MASK_SEED, TEST_MASK_RATIO, RelativeReference, prototype_reconstructions,
+                             score_images)
 from dede_rt.thresholds import DEFAULT_FPR, threshold_at_fpr
 
 MANIFEST = "manifest.json"
 DECODER_WEIGHTS = "decoder.safetensors"
 CALIBRATION_SCORES = "calibration_scores.npy"
+PROTOTYPES_FILE = "prototypes.npy"
+SCORE_TEXT = {"reference": "sum of squared error over masked patches, normalized pixel space",
+              "relative": "sum of squared error over masked patches minus the mean such error of the k best-fitting "
+                          "prototype reconstructions (scoring.relative_sse)"}
 BUNDLE_FORMAT = 1
 
 
@@ -65,10 +71,26 @@ class Detector:
     mask_seed: int = MASK_SEED
     extra: dict = field(default_factory=dict)  # training summary, quality gates, ...
     path: Path | None = None
+    prototype_embeddings: np.ndarray | None = None  # set: the relative score against their reconstructions
+    relative_k: int = 0
 
     def __post_init__(self) -> None:
         check_embedding_width(self.encoder, self.decoder.config)
         self.decoder.eval()
+        self._relative: RelativeReference | None = None
+
+    @property
+    def score_kind(self) -> str:
+        """'relative' when the detector scores against prototypes, else 'reference'."""
+        return "reference" if self.prototype_embeddings is None else "relative"
+
+    @property
+    def relative(self) -> RelativeReference | None:
+        """The prototype reconstructions the relative score compares against (decoded once), or None."""
+        if self.prototype_embeddings is not None and self._relative is None:
+            recon = prototype_reconstructions(self.decoder, self.prototype_embeddings.astype(np.float32))
+            self._relative = RelativeReference(recon, self.relative_k)
+        return self._relative
 
     def score(self, images_u8: np.ndarray, batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Scores for uint8 NHWC images of the detector's size; higher = more likely triggered."""
@@ -76,7 +98,7 @@ class Detector:
         if images_u8.ndim != 4 or images_u8.shape[1:] != (size, size, 3):
             raise UserError(f"expected uint8 images [N, {size}, {size}, 3], got {list(images_u8.shape)}")
         return score_images(self.encoder, self.decoder, self.normalization, images_u8, batch_size,
-                            self.test_mask_ratio, self.mask_seed, progress)
+                            self.test_mask_ratio, self.mask_seed, progress, self.relative)
 
     def threshold(self, fpr: float | None = None) -> float:
         """The flagging threshold at target FPR ``fpr`` (default: the bundle's default FPR)."""
@@ -99,7 +121,9 @@ class Detector:
             "normalization": self.normalization.to_dict(),
             "decoder": self.decoder.config.to_dict(),
             "mask": {"train_ratio": self.train_mask_ratio, "test_ratio": self.test_mask_ratio, "test_seed": self.mask_seed,
-                     "score": "sum of squared error over masked patches, normalized pixel space"},
+                     "score": SCORE_TEXT[self.score_kind], "score_kind": self.score_kind,
+                     **({"relative_k": self.relative_k, "prototypes": int(len(self.prototype_embeddings))}
+                        if self.prototype_embeddings is not None else {})},
             "thresholds": {"by_fpr": self.thresholds, "default_fpr": self.extra.get("default_fpr", DEFAULT_FPR),
                            "calibration_images": int(len(self.calibration_scores)), "rule": "flag if score > threshold"},
             **{k: v for k, v in self.extra.items() if k != "default_fpr"},
@@ -112,6 +136,8 @@ class Detector:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.decoder.state_dict().items()}, str(directory / DECODER_WEIGHTS))
         np.save(directory / CALIBRATION_SCORES, np.asarray(self.calibration_scores, np.float32))
+        if self.prototype_embeddings is not None:
+            np.save(directory / PROTOTYPES_FILE, np.asarray(self.prototype_embeddings, np.float32))
         info = dict(self.encoder_info)
         if embed_encoder:
             src = Path(info["path"])
@@ -157,9 +183,17 @@ class Detector:
         known = {"format", "kind", "encoder", "normalization", "decoder", "mask", "thresholds", "versions"}
         extra = {k: v for k, v in manifest.items() if k not in known}
         extra["default_fpr"] = manifest["thresholds"].get("default_fpr", DEFAULT_FPR)
+        prototypes = None
+        if manifest["mask"].get("score_kind", "reference") == "relative":
+            if not (directory / PROTOTYPES_FILE).is_file():
+                raise UserError(f"{directory}: relative-score detector without its {PROTOTYPES_FILE}")
+            prototypes = np.load(directory / PROTOTYPES_FILE)
+            if prototypes.ndim != 2 or prototypes.shape[1] != decoder.config.embed_dim:
+                raise UserError(f"{directory / PROTOTYPES_FILE}: expected [K, {decoder.config.embed_dim}] embeddings, "
+                                f"got {list(prototypes.shape)}")
         return cls(encoder, decoder, norm, info, calibration, dict(manifest["thresholds"]["by_fpr"]),
                    manifest["mask"]["test_ratio"], manifest["mask"]["train_ratio"], manifest["mask"]["test_seed"],
-                   extra, directory)
+                   extra, directory, prototypes, int(manifest["mask"].get("relative_k", 0)))
 
 
 def check_embedding_width(encoder: VictimEncoder, config: DecoderConfig) -> None:

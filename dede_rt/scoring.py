@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -72,7 +74,24 @@ def prototype_reconstructions(decoder: DeDeDecoder, embeddings: torch.Tensor | n
                               batch_size: int = 512) -> torch.Tensor:
     """The decoder's reconstructions [K,T,P] of clean reference embeddings, from the embedding alone."""
     z = torch.as_tensor(np.ascontiguousarray(embeddings) if isinstance(embeddings, np.ndarray) else embeddings)
+    z = z.to(next(decoder.parameters()).device)
     return torch.cat([decoder.decode_embedding(z[i : i + batch_size]) for i in range(0, len(z), batch_size)])
+
+
+@dataclass(frozen=True)
+class RelativeReference:
+    """What the relative score compares against: prototype reconstructions [K,T,P] and how many to average."""
+
+    prototypes: torch.Tensor
+    k: int = RELATIVE_K
+
+    def apply(self, own_sse: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference scores -> relative scores; ``masked`` [T] limits prototype errors to the patches scored."""
+        prototypes = self.prototypes.to(target.device)
+        if masked is not None and not bool(masked.all()):
+            keep = masked.to(target.dtype)[None, :, None]
+            target, prototypes = target * keep, prototypes * keep
+        return relative_sse(own_sse, target, prototypes, self.k)
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, mask_ratio: float) -> torch.Tensor:
@@ -84,20 +103,22 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.
 @torch.no_grad()
 def score_batch(
     encoder: VictimEncoder, decoder: DeDeDecoder, normalization: Normalization, images_u8: torch.Tensor | np.ndarray,
-    mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED,
+    mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED, relative: RelativeReference | None = None,
 ) -> torch.Tensor:
-    """Scores for one uint8 NHWC batch: normalize -> encoder -> decoder -> masked SSE. Vectorised."""
+    """Scores for one uint8 NHWC batch: normalize -> encoder -> decoder -> masked SSE (-> relative). Vectorised."""
     x = normalization.apply(images_u8)
     embedding = encoder(x)
     generator = torch.Generator().manual_seed(mask_seed)
     pred, masked = decoder(x, embedding, mask_ratio, generator, shared_mask=True)
-    return masked_sse(pred, patchify_images(x, decoder.config.patch_size), masked)
+    target = patchify_images(x, decoder.config.patch_size)
+    sse = masked_sse(pred, target, masked)
+    return sse if relative is None else relative.apply(sse, target, masked[0])
 
 
 def score_images(
     encoder: VictimEncoder, decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
     batch_size: int = 256, mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED,
-    progress: bool = False,
+    progress: bool = False, relative: RelativeReference | None = None,
 ) -> np.ndarray:
     """Scores (float32 [N]) for uint8 NHWC images, batched; higher = more likely triggered."""
     from dede_rt.progress import track
@@ -107,5 +128,6 @@ def score_images(
     starts = range(0, len(images_u8), batch_size)
     for start in track(starts, "scoring", enabled=progress):
         batch = images_u8[start : start + batch_size]
-        out[start : start + len(batch)] = score_batch(encoder, decoder, normalization, batch, mask_ratio, mask_seed).numpy()
+        out[start : start + len(batch)] = score_batch(encoder, decoder, normalization, batch, mask_ratio, mask_seed,
+                                                      relative).numpy()
     return out

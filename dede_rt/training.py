@@ -27,7 +27,8 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
 from dede_rt.models.encoders import VictimEncoder, load_encoder
-from dede_rt.scoring import reconstruction_loss, score_images
+from dede_rt.scoring import (PROTOTYPES, RelativeReference, prototype_indices, prototype_reconstructions,
+                             reconstruction_loss, score_images)
 
 if TYPE_CHECKING:
     from dede_rt.detector import Detector
@@ -308,8 +309,12 @@ def train_detector(
     calibration: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
     fprs: tuple[float, ...] = (0.01, 0.05), default_fpr: float = 0.01, embed_encoder: bool = False,
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+    relative_k: int = 0, prototypes: int = PROTOTYPES,
 ) -> "Detector":
-    """Train a detector end to end: embed once, train the decoder, calibrate thresholds on clean held-out data, save."""
+    """Train a detector end to end: embed once, train the decoder, calibrate thresholds on clean held-out data, save.
+
+    ``relative_k`` > 0: the detector uses the relative score against ``prototypes`` of its training embeddings.
+    """
     from dede_rt.data.sources import load_images
     from dede_rt.detector import Detector
     from dede_rt.thresholds import calibrate
@@ -325,6 +330,9 @@ def train_detector(
         train_images = images
         hold_images = calibration if isinstance(calibration, np.ndarray) else load_images(
             calibration, normalization.image_size).images
+    if relative_k < 0 or (relative_k and relative_k > min(prototypes, len(train_images))):
+        raise UserError(f"the relative score averages k of {min(prototypes, len(train_images))} prototypes (the "
+                        f"--prototypes of the {len(train_images)} training images); got k = {relative_k}")
     if len(hold_images) < 1 / min(fprs):
         print(f"warning: {len(hold_images)} calibration images cannot resolve an FPR of {min(fprs):g}; "
               f"use at least {int(np.ceil(10 / min(fprs)))}", file=sys.stderr)
@@ -338,7 +346,12 @@ def train_detector(
     result = train_decoder(encoder, normalization, train_images, dconf, config, embeddings=embeddings,
                            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     result.embed_seconds = embed_seconds
-    clean_scores = score_images(encoder, result.decoder, normalization, hold_images, progress=progress)
+    proto, relative = None, None
+    if relative_k:  # clean training embeddings, never the calibration images the threshold is set on
+        proto = np.asarray(embeddings[prototype_indices(len(train_images), prototypes, config.seed)], np.float32)
+        relative = RelativeReference(prototype_reconstructions(result.decoder, proto), relative_k)
+    clean_scores = score_images(encoder, result.decoder, normalization, hold_images, progress=progress,
+                                relative=relative)
     detector = Detector(
         encoder, result.decoder, normalization, info, clean_scores, calibrate(clean_scores, fprs),
         train_mask_ratio=config.mask_ratio,
@@ -347,7 +360,8 @@ def train_detector(
                             "calibration_images": int(len(hold_images)), "final_loss": result.losses[-1],
                             "epochs_run": len(result.losses), "embed_seconds": round(result.embed_seconds, 3),
                             "train_seconds": round(result.train_seconds, 3),
-                            "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}})
+                            "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}},
+        prototype_embeddings=proto, relative_k=relative_k)
     if out is not None:
         detector.save(out, embed_encoder=embed_encoder)
     return detector

@@ -152,6 +152,10 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise UserError(f"unknown exporter {exporter!r}; choose auto, dynamo or torchscript")
     det = load_detector(bundle, encoder_path)
+    if det.score_kind != "reference":
+        raise UserError(f"{bundle}: this detector uses the {det.score_kind} score, which runs on the torch backend "
+                        "only so far; ONNX/TensorRT graphs compute the reference score (retrain with --score reference "
+                        "to export)")
     out = bundle / ONNX_DIR
     out.mkdir(exist_ok=True)
     size = det.normalization.image_size

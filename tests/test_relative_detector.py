@@ -1,0 +1,80 @@
+"""A detector trained with the relative score: its formula, bundle round trip, runners and the export refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_DECODER
+from dede_rt.detector import PROTOTYPES_FILE, load_detector
+from dede_rt.errors import UserError
+from dede_rt.models.decoder import patchify_images
+from dede_rt.scoring import prototype_reconstructions, score_images
+from dede_rt.training import TrainConfig, train_detector
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def relative_bundle(tmp_path_factory, encoder_file, demo_images):
+    out = tmp_path_factory.mktemp("relative") / "det"
+    train_detector(encoder_file, demo_images.images[:256], out, decoder_config=TINY_DECODER,
+                   config=TrainConfig(epochs=2, batch_size=64), holdout_fraction=0.25, progress=False,
+                   relative_k=4, prototypes=32)
+    return out
+
+
+def test_relative_detector_scores_own_error_minus_nearest_prototypes(relative_bundle, demo_images):
+    det = load_detector(relative_bundle)
+    manifest = json.loads((relative_bundle / "manifest.json").read_text())
+    assert manifest["mask"]["score_kind"] == "relative" and manifest["mask"]["relative_k"] == 4
+    assert det.prototype_embeddings.shape == (32, det.decoder.config.embed_dim)
+    images = demo_images.images[300:330]
+    own = score_images(det.encoder, det.decoder, det.normalization, images)  # the reference score
+    target = patchify_images(det.normalization.apply(images), det.decoder.config.patch_size).flatten(1)
+    protos = prototype_reconstructions(det.decoder, det.prototype_embeddings).flatten(1)
+    nearest = np.sort(torch.cdist(target, protos).square().numpy(), axis=1)[:, :4].mean(1)
+    got = det.score(images)
+    assert np.allclose(got, own - nearest, rtol=1e-4, atol=1e-2)
+    assert not np.allclose(got, own)  # it is not the reference score
+    # the threshold was calibrated on relative scores of the held-out images, not on the reference score
+    assert det.calibration_scores.min() < det.calibration_scores.max() < own.min()
+
+
+def test_relative_detector_through_the_torch_runner_and_scan(relative_bundle, demo_images, tmp_path):
+    from dede_rt.engines.torch_runner import TorchRunner
+    from dede_rt.scan.pipeline import scan
+
+    det = load_detector(relative_bundle)
+    images = demo_images.images[300:310]
+    with TorchRunner(relative_bundle) as runner:
+        assert np.allclose(runner.infer(images), det.score(images), rtol=1e-5, atol=1e-3)
+    with TorchRunner(relative_bundle, score_kernel="reference") as runner, pytest.raises(UserError, match="relative"):
+        runner.infer(images)
+    np.savez(tmp_path / "few.npz", images=images)
+    rows = list(scan(tmp_path / "few.npz", relative_bundle, backend="auto"))
+    assert np.allclose([r.score for r in rows], det.score(images), rtol=1e-5, atol=1e-3)
+
+
+def test_relative_detector_refuses_onnx_export_and_checks_its_prototypes(relative_bundle, tmp_path):
+    import shutil
+
+    from dede_rt.export import export_detector
+
+    with pytest.raises(UserError, match="relative score, which runs on the torch backend"):
+        export_detector(relative_bundle)
+    broken = tmp_path / "broken"
+    shutil.copytree(relative_bundle, broken)
+    (broken / PROTOTYPES_FILE).unlink()
+    with pytest.raises(UserError, match="without its prototypes.npy"):
+        load_detector(broken)
+
+
+def test_relative_k_must_fit_the_prototypes(encoder_file, demo_images, tmp_path):
+    with pytest.raises(UserError, match="averages k of 16 prototypes"):
+        train_detector(encoder_file, demo_images.images[:64], tmp_path / "d", decoder_config=TINY_DECODER,
+                       config=TrainConfig(epochs=1, batch_size=32), holdout_fraction=0.25, progress=False,
+                       relative_k=20, prototypes=16)

@@ -78,6 +78,9 @@ class Detector:
         check_embedding_width(self.encoder, self.decoder.config)
         self.decoder.eval()
         self._relative: RelativeReference | None = None
+        if self.prototype_embeddings is not None and not 1 <= self.relative_k <= len(self.prototype_embeddings):
+            raise UserError(f"the relative score averages k of {len(self.prototype_embeddings)} prototypes; "
+                            f"got k = {self.relative_k}")
 
     @property
     def score_kind(self) -> str:

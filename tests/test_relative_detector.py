@@ -71,6 +71,12 @@ def test_relative_detector_refuses_onnx_export_and_checks_its_prototypes(relativ
     (broken / PROTOTYPES_FILE).unlink()
     with pytest.raises(UserError, match="without its prototypes.npy"):
         load_detector(broken)
+    manifest = json.loads((relative_bundle / "manifest.json").read_text())
+    manifest["mask"]["relative_k"] = 0  # a hand-edited manifest: k outside [1, K]
+    shutil.copy(relative_bundle / PROTOTYPES_FILE, broken / PROTOTYPES_FILE)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="averages k of 32 prototypes; got k = 0"):
+        load_detector(broken)
 
 
 def test_relative_k_must_fit_the_prototypes(encoder_file, demo_images, tmp_path):

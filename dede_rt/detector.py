@@ -30,8 +30,7 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import IntegrityError, UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
 from dede_rt.models.encoders import VictimEncoder, load_encoder, sha256_file
-from dede_rt.scoring import (MASK_SEED, TEST_MASK_RATIO, RelativeReference, prototype_reconstructions,
-                             score_images)
+from dede_rt.scoring import MASK_SEED, TEST_MASK_RATIO, RelativeReference, score_images
 from dede_rt.thresholds import DEFAULT_FPR, threshold_at_fpr
 
 MANIFEST = "manifest.json"
@@ -91,8 +90,8 @@ class Detector:
     def relative(self) -> RelativeReference | None:
         """The prototype reconstructions the relative score compares against (decoded once), or None."""
         if self.prototype_embeddings is not None and self._relative is None:
-            recon = prototype_reconstructions(self.decoder, self.prototype_embeddings.astype(np.float32))
-            self._relative = RelativeReference(recon, self.relative_k)
+            self._relative = RelativeReference.from_embeddings(
+                self.decoder, self.prototype_embeddings.astype(np.float32), self.relative_k)
         return self._relative
 
     def score(self, images_u8: np.ndarray, batch_size: int = 256, progress: bool = False) -> np.ndarray:

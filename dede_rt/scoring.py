@@ -85,6 +85,12 @@ class RelativeReference:
     prototypes: torch.Tensor
     k: int = RELATIVE_K
 
+    @classmethod
+    def from_embeddings(cls, decoder: DeDeDecoder, embeddings: torch.Tensor | np.ndarray,
+                        k: int = RELATIVE_K) -> RelativeReference:
+        """Decode clean reference embeddings once into the prototypes the score compares against."""
+        return cls(prototype_reconstructions(decoder, embeddings), k)
+
     def apply(self, own_sse: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """Reference scores -> relative scores; ``masked`` [T] limits prototype errors to the patches scored."""
         prototypes = self.prototypes.to(target.device)

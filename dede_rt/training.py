@@ -27,8 +27,7 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
 from dede_rt.models.encoders import VictimEncoder, load_encoder
-from dede_rt.scoring import (PROTOTYPES, RelativeReference, prototype_indices, prototype_reconstructions,
-                             reconstruction_loss, score_images)
+from dede_rt.scoring import PROTOTYPES, RelativeReference, prototype_indices, reconstruction_loss, score_images
 
 if TYPE_CHECKING:
     from dede_rt.detector import Detector
@@ -349,7 +348,7 @@ def train_detector(
     proto, relative = None, None
     if relative_k:  # clean training embeddings, never the calibration images the threshold is set on
         proto = np.asarray(embeddings[prototype_indices(len(train_images), prototypes, config.seed)], np.float32)
-        relative = RelativeReference(prototype_reconstructions(result.decoder, proto), relative_k)
+        relative = RelativeReference.from_embeddings(result.decoder, proto, relative_k)
     clean_scores = score_images(encoder, result.decoder, normalization, hold_images, progress=progress,
                                 relative=relative)
     detector = Detector(

@@ -14,7 +14,7 @@ from dede_rt.evaluation.pipeline import EvalConfig, embedding_score_sets, run_ev
 from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import patchify_images
-from dede_rt.scoring import prototype_reconstructions
+from dede_rt.scoring import RelativeReference, prototype_reconstructions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,17 +33,16 @@ def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_i
     # and the relative score against prototype reconstructions
     prototypes = prototype_reconstructions(det.decoder, compute_embeddings(det.encoder, det.normalization,
                                                                             demo_images.images[:50]))
-    got = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25, prototypes=prototypes,
-                               relative_k=3)
+    got = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25,
+                               relative=RelativeReference(prototypes, 3))
     sums, trimmed = got["dede"], got["dede_trimmed"]
     assert np.allclose(sums, det.score(images), rtol=1e-5) and (trimmed < sums).all() and (trimmed > 0).all()
     target = patchify_images(det.normalization.apply(images), det.decoder.config.patch_size).flatten(1)
     nearest = np.sort(torch.cdist(target, prototypes.flatten(1)).square().numpy(), axis=1)[:, :3].mean(1)
     assert np.allclose(got["dede_relative"], sums - nearest, rtol=1e-4, atol=1e-2)
     # with the images' own reconstructions among the prototypes, the best fit is at most the own error
-    own = prototype_reconstructions(det.decoder, z)
-    assert embedding_score_sets(det.decoder, det.normalization, images, z, prototypes=own,
-                                relative_k=1)["dede_relative"].min() > -1e-2
+    own = RelativeReference.from_embeddings(det.decoder, z, 1)
+    assert embedding_score_sets(det.decoder, det.normalization, images, z, relative=own)["dede_relative"].min() > -1e-2
 
 
 def test_victim_spec_parsing_and_triggers():

@@ -58,8 +58,8 @@ from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
 from dede_rt.probe import accuracy, attack_success_rate, fit_probe
-from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, masked_sse, prototype_indices,
-                             prototype_reconstructions, relative_sse, trimmed_sse)
+from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, RelativeReference, masked_sse,
+                             prototype_indices, trimmed_sse)
 from dede_rt.thresholds import threshold_at_fpr
 from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
 
@@ -160,16 +160,16 @@ def _l2(z: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, images_u8: np.ndarray,
-                         embeddings: np.ndarray, trim: float | None = None, prototypes: torch.Tensor | None = None,
-                         relative_k: int = RELATIVE_K, batch_size: int = 512) -> dict[str, np.ndarray]:
+                         embeddings: np.ndarray, trim: float | None = None, relative: RelativeReference | None = None,
+                         batch_size: int = 512) -> dict[str, np.ndarray]:
     """Scores by method from cached embeddings, in one decoder pass: "dede" (reference), plus "dede_trimmed"
-    when ``trim`` is given and "dede_relative" when ``prototypes`` are (``scoring.relative_sse``).
+    when ``trim`` is given and "dede_relative" when ``relative`` is (``scoring.relative_sse``).
 
     Valid when no patch is visible at the test mask ratio.
     """
     p = decoder.config.patch_size
     methods = ["dede", *(["dede_trimmed"] if trim is not None else []),
-               *(["dede_relative"] if prototypes is not None else [])]
+               *(["dede_relative"] if relative is not None else [])]
     out = {m: np.empty(len(images_u8), np.float32) for m in methods}
     for start in range(0, len(images_u8), batch_size):
         x = normalization.apply(images_u8[start : start + batch_size])
@@ -179,8 +179,8 @@ def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, ima
         batch = {"dede": sums}
         if trim is not None:
             batch["dede_trimmed"] = trimmed_sse(pred, target, trim)
-        if prototypes is not None:
-            batch["dede_relative"] = relative_sse(sums, target, prototypes, relative_k)
+        if relative is not None:
+            batch["dede_relative"] = relative.apply(sums, target)
         for m in methods:
             out[m][start : start + len(x)] = batch[m].numpy()
     return out
@@ -235,12 +235,12 @@ def run_decoder_job(job: DecoderJob) -> dict:
     norm = job.normalization
     result = train_decoder(None, norm, job.train_images, job.decoder_config, job.train,
                            embeddings=job.train_embeddings, progress=False)
-    prototypes = None
+    relative = None
     if job.relative_k:  # the decoder's own training embeddings (clean unless poison_rate), never scored images
         pick = prototype_indices(len(job.train_embeddings), job.prototypes)
-        prototypes = prototype_reconstructions(result.decoder, job.train_embeddings[pick])
+        relative = RelativeReference.from_embeddings(result.decoder, job.train_embeddings[pick], job.relative_k)
     by_set = {k: embedding_score_sets(result.decoder, norm, job.eval_images[k], job.eval_embeddings[k],
-                                      job.trim or None, prototypes, job.relative_k) for k in job.eval_images}
+                                      job.trim or None, relative) for k in job.eval_images}
     scores = {m: {k: by_set[k][m] for k in by_set} for m in next(iter(by_set.values()))}
     recon = {}
     if job.recon:

@@ -57,7 +57,7 @@ def train(
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     score: str = typer.Option("reference", help="reference (DeDe's summed error) or relative (minus the error of "
                               "the best-fitting clean prototype reconstructions: a pasted patch no embedding redraws "
-                              "cancels; torch backend only so far)."),
+                              "cancels)."),
     relative_k: int = typer.Option(32, help="relative score: how many best-fitting prototypes it averages."),
     prototypes: int = typer.Option(256, help="relative score: clean training embeddings kept as prototypes."),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),

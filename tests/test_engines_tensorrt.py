@@ -63,6 +63,37 @@ def test_tensorrt_int8_graph_is_symmetric_qdq_and_tracks_fp32(bundle: Path, demo
     assert spearmanr(ref, run(fp16)).statistic > 0.999
 
 
+def test_weakly_typed_best_pins_the_score_tail_to_fp32(bundle: Path) -> None:
+    """The layer matching of ``pin_score_tail_fp32``, on a stand-in network (no TensorRT needed)."""
+    from types import SimpleNamespace
+
+    from dede_rt.calibration.quantize import score_tail
+    from dede_rt.engines.tensorrt_builder import pin_score_tail_fp32
+
+    graph = bundle / "onnx" / "detector_nchw.onnx"
+    tail = score_tail(onnx.load(str(graph)))[0]
+    trt = SimpleNamespace(float32="f32", float16="f16", int32="i32")
+
+    class Layer:
+        def __init__(self, name: str, dtypes: tuple[str, ...]) -> None:
+            self.name, self.precision, self.types = name, None, {}
+            self.outputs = [SimpleNamespace(dtype=d) for d in dtypes]
+            self.num_outputs = len(dtypes)
+
+        def get_output(self, j: int):  # noqa: ANN201
+            return self.outputs[j]
+
+        def set_output_type(self, j: int, dtype: str) -> None:
+            self.types[j] = dtype
+
+    layers = [Layer(tail[0], ("f32",)), Layer(f"{tail[1]}_1", ("f32", "i32")), Layer("encoder_conv", ("f32",)),
+              Layer(tail[2], ("i32",))]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    assert pin_score_tail_fp32(network, graph, trt) == 2
+    assert [layer.precision for layer in layers] == ["f32", "f32", None, None]
+    assert layers[1].types == {0: "f32"}  # the int output keeps its type
+
+
 def _needs_gpu_tensorrt() -> None:
     pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install 'dede-rt[trt]')")
     import torch

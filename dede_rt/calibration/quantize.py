@@ -4,8 +4,9 @@ INT8: ``onnxruntime.quantization.quantize_static`` in QDQ format, uint8
 activations and int8 weights (per-channel) on Conv/MatMul/Gemm only. That
 is the combination measured fastest on x86 CPUs (signed activations gave no
 speed-up); LayerNorm, Softmax, GELU and the score tail (squared error and its
-sum) stay float, and so does the decoder head, whose output *is* the
-reconstruction the score is computed from. Ranges come from clean images
+sum) stay float, and so do the decoder head, whose output *is* the
+reconstruction the score is computed from, and the relative score's product
+with the prototype reconstructions. Ranges come from clean images
 (MinMax by default; Percentile/Entropy selectable). The Q/DQ form is what
 TensorRT's strongly typed networks consume too.
 
@@ -22,8 +23,9 @@ do not push out of range, keep full resolution.
 
 FP16: ``onnxruntime.transformers.float16.convert_float_to_float16`` (ships with
 onnxruntime, so no extra package) with float32 graph inputs/outputs kept, and
-the score reduction kept in float32 (a sum of ~3k squared errors overflows
-FP16's precision long before its range). ORT's CPU provider has few FP16
+the score tail kept in float32 (a sum of ~3k squared errors overflows
+FP16's precision long before its range; the relative score's prototype
+distances are differences of large norms). ORT's CPU provider has few FP16
 kernels and inserts casts, so FP16 is for GPU execution providers / TensorRT;
 on CPU it is produced and gated but usually slower (the benchmark says how much).
 """
@@ -72,31 +74,41 @@ class ImageCalibrationReader:
         self._it = None
 
 
-def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that compute the reconstruction head and the score, found from the graph output back.
+SCORE_TAIL_OPS = {"ReduceSum", "ReduceMean", "TopK", "Pow", "Mul", "Div", "Sub", "Add", "Neg", "Reshape",
+                  "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Flatten", "Identity"}
 
-    Walks producers backwards from the ``scores`` output through element-wise /
-    reduction / reshape ops and stops at (and includes) the first MatMul/Gemm on
-    each path: that MatMul is the decoder head.
+
+def score_tail(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The score tail, walked from the ``scores`` output back: (all its nodes, the MatMul/Gemm ending each path).
+
+    The walk passes element-wise / reduction / reshape / TopK ops and stops at
+    (and includes) the first MatMul/Gemm on each path: the decoder head (whose
+    output is the reconstruction) and, for the relative score, the product with
+    the prototype reconstructions. The target path (pixels -> normalized
+    patches) has no MatMul and is walked up to the graph input.
     """
     producer = {out: node for node in model.graph.node for out in node.output}
-    passthrough = {"ReduceSum", "Pow", "Mul", "Sub", "Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
-                   "Slice", "Gather", "Cast", "Flatten", "Identity"}
-    found: list[str] = []
+    tail: list[str] = []
+    ends: list[str] = []
     seen: set[str] = set()
     stack = [o.name for o in model.graph.output]
     while stack:
-        name = stack.pop()
-        node = producer.get(name)
+        node = producer.get(stack.pop())
         if node is None or node.name in seen:
             continue
         seen.add(node.name)
         if node.op_type in ("MatMul", "Gemm"):
-            found.append(node.name)
-            continue
-        if node.op_type in passthrough:
+            tail.append(node.name)
+            ends.append(node.name)
+        elif node.op_type in SCORE_TAIL_OPS:
+            tail.append(node.name)
             stack.extend(node.input)
-    return found
+    return tail, ends
+
+
+def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul/Gemm nodes that end the score tail (decoder head, prototype product): kept float in INT8."""
+    return score_tail(model)[1]
 
 
 def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
@@ -193,29 +205,64 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
-    """Write an FP16 model with float32 inputs/outputs and the score reduction kept in float32."""
+    """Write an FP16 model with float32 inputs/outputs and the whole score tail kept in float32.
+
+    The tail (target patches, decoder head, squared errors and their sum, the prototype distances of the relative
+    score) is a sum of thousands of terms or a difference of large norms: FP16's 11-bit mantissa loses it.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(fp32_path))
-    keep_float = [n.name for n in model.graph.node if n.op_type in ("ReduceSum", "Pow", "Sub")
-                  and _feeds_output(model, n)]
-    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_float)
+    keep_float = score_tail(model)[0]
+    half = drop_cast_round_trips(convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_float))
+    sort_topologically(half.graph)  # the converter appends its Casts; TensorRT's parser wants producers first
+    onnx.checker.check_model(half)
     onnx.save(half, str(out_path))
     return {"converter": "onnxruntime.transformers.float16", "io": "float32/uint8 kept",
             "float32_nodes": keep_float, "nodes": len(half.graph.node)}
 
 
-def _feeds_output(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
-    """Whether ``node`` is on the element-wise path into the graph output (the score tail)."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in model.graph.output}
-    frontier, steps = list(node.output), 0
-    while frontier and steps < 8:
-        if outputs & set(frontier):
-            return True
-        frontier = [o for name in frontier for c in consumers.get(name, []) for o in c.output]
-        steps += 1
-    return False
+def drop_cast_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Short-circuit float32 -> float16 -> float32 Cast pairs (in place; returns the model).
+
+    ``convert_float_to_float16`` keeps a blocked node's arithmetic in float32 but hands its output to the next
+    node through a float16 Cast pair, even when that node is blocked too. Along the score tail that rounds every
+    intermediate (a sum of squared errors near 5,000 to steps of 4) and defeats the block list.
+    """
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    for node in graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == onnx.TensorProto.FLOAT else None
+        if first is not None and cast_to(first) == onnx.TensorProto.FLOAT16 \
+                and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
+            node.op_type, node.input[0] = "Identity", first.input[0]
+            del node.attribute[:]
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if n.op_type == "Cast" and not set(n.output) & used]
+    for node in dead:
+        graph.node.remove(node)
+    return model
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or an undefined input at node {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)

@@ -8,7 +8,8 @@ Precision comes from the graph, as TensorRT's strongly typed networks expect
   clean images — *signed symmetric* int8 activations and weights, which is what
   TensorRT's Q/DQ support accepts (ORT's CPU-fastest uint8 activations are not);
 - ``best``: the int8 graph; on TensorRT 10.x built weakly typed with the FP16
-  and INT8 flags (``trtexec --best``), on 11+ strongly typed.
+  and INT8 flags (``trtexec --best``) and the score tail's layers pinned to
+  FP32, on 11+ strongly typed.
 The engine input is float NCHW [0, 1] (see ``tensorrt_runner``), with one
 optimization profile over the batch size (min/opt/max). A timing cache in the
 bundle (``trt/timing.cache``) is reused across builds. The engine is tied to
@@ -75,6 +76,33 @@ def source_graph(bundle: str | Path, precision: str, clean: np.ndarray | None = 
     return out
 
 
+def pin_score_tail_fp32(network, graph: Path, trt) -> int:  # noqa: ANN001 - TensorRT objects
+    """Weakly typed builds: keep the score tail's layers float32 (free to pick FP16, TensorRT would round the
+    summed error and the relative score's prototype distances); returns how many layers were pinned.
+
+    The parser names a layer after its ONNX node (with a suffix when one node becomes several layers).
+    """
+    import onnx
+
+    from dede_rt.calibration.quantize import score_tail
+
+    tail = set(score_tail(onnx.load(str(graph)))[0])
+    floats = (trt.float32, trt.float16)
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not (layer.name in tail or any(layer.name.startswith(f"{t}_") for t in tail)):
+            continue
+        float_outputs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+        if not float_outputs:
+            continue  # shape arithmetic has no float precision to pin
+        layer.precision = trt.float32
+        for j in float_outputs:  # TopK's indices stay int32
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
 def format_parser_errors(parser) -> str:
     """Every ONNX parser error on its own line: node, operator, code, description."""
     lines = []
@@ -112,9 +140,12 @@ def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray 
                         f"{format_parser_errors(parser)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    pinned = 0
     if weakly_typed_best:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.INT8)
+        pinned = pin_score_tail_fp32(network, graph, trt)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     input_name = network.get_input(0).name
     profile = builder.create_optimization_profile()
     shape = (3, size, size)
@@ -142,6 +173,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray 
                                                                      "shape": [-1, *shape]},
                 "output": {"name": network.get_output(0).name, "shape": [-1]},
                 "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+                **({"fp32_score_tail_layers": pinned} if weakly_typed_best else {}),
                 "build_seconds": round(seconds, 1), "timing_cache": str(cache_path.relative_to(bundle)),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(str(engine_path) + ".json").write_text(json.dumps(manifest, indent=2) + "\n")

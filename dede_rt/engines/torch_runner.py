@@ -47,12 +47,8 @@ class TorchRunner(BaseRunner):
         if self.score_kernel != "torch":
             from dede_rt.kernels.fused import fused_score_batch
 
-            if d.relative is not None:
-                raise UserError(f"the {self.score_kernel} score kernel computes the reference score; this detector "
-                                "uses the relative score (use score_kernel='torch')")
-
             scores = fused_score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed,
-                                       self.score_kernel)
+                                       self.score_kernel, d.relative)
             return scores.cpu().numpy()
         return score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed,
                            d.relative).cpu().numpy()

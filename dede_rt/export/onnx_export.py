@@ -37,6 +37,7 @@ from dede_rt.errors import UserError
 from dede_rt.export.bundle import bundle_fingerprint, deployment, update_deployment
 from dede_rt.export.graphs import FusedDetector, Normalize, ScoreGraph
 from dede_rt.models.encoders import sha256_file
+from dede_rt.scoring import score_images
 
 ONNX_DIR = "onnx"
 DYNAMO_OPSET = 18
@@ -152,10 +153,6 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise UserError(f"unknown exporter {exporter!r}; choose auto, dynamo or torchscript")
     det = load_detector(bundle, encoder_path)
-    if det.score_kind != "reference":
-        raise UserError(f"{bundle}: this detector uses the {det.score_kind} score, which runs on the torch backend "
-                        "only so far; ONNX/TensorRT graphs compute the reference score (retrain with --score reference "
-                        "to export)")
     out = bundle / ONNX_DIR
     out.mkdir(exist_ok=True)
     size = det.normalization.image_size
@@ -164,7 +161,7 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     x = det.normalization.apply(u8)
     with torch.no_grad():
         z = det.encoder(x)
-    score = ScoreGraph(det.decoder, det.test_mask_ratio, det.mask_seed)
+    score = ScoreGraph(det.decoder, det.test_mask_ratio, det.mask_seed, det.relative)
     used = {}
     if "decoder" in wanted or det.encoder_info["format"] == "onnx":
         used["decoder"] = _export_module(score, (x, z), out / "decoder.onnx", ["images", "embedding"], ["scores"], exporter)
@@ -186,9 +183,11 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     else:
         if "encoder" in wanted:
             used["encoder"] = _export_module(det.encoder, (x,), out / "encoder.onnx", ["images"], ["embedding"], exporter)
-        fused_u8 = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, True)
+        fused_u8 = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, True,
+                                 det.relative)
         used["detector"] = _export_module(fused_u8, (u8,), out / "detector.onnx", ["images"], ["scores"], exporter)
-        fused_f = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, False)
+        fused_f = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, False,
+                                det.relative)
         pixels = u8.permute(0, 3, 1, 2).float() / 255.0
         if "detector_nchw" in wanted:
             used["detector_nchw"] = _export_module(fused_f, (pixels,), out / "detector_nchw.onnx", ["images"], ["scores"],
@@ -206,7 +205,9 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
                         "opset": opset, "inputs": inputs, "outputs": outputs, "nodes": len(model.graph.node)}
     record = {"graphs": graphs, "torch": torch.__version__, "onnx": onnx.__version__,
               "test_mask_ratio": det.test_mask_ratio, "mask_seed": det.mask_seed,
-              "visible_patches": score.keep, "source": bundle_fingerprint(bundle)}
+              "visible_patches": score.keep, "score_kind": det.score_kind,
+              **({"relative_k": det.relative_k} if det.relative is not None else {}),
+              "source": bundle_fingerprint(bundle)}
     if verify:
         record["parity"] = verify_parity(det, out / "detector.onnx")
     previous = deployment(bundle).get("onnx", {}).get("source")
@@ -225,7 +226,11 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
 
 
 def verify_parity(det: Detector, model_path: Path, count: int = 16, seed: int = 0, rtol: float = 1e-3) -> dict:
-    """Score ``count`` seeded random images with torch and the exported graph; fail past ``rtol``."""
+    """Score ``count`` seeded random images with torch and the exported graph; fail past ``rtol``.
+
+    The difference is relative to the image's score or, for the relative score (a difference of two errors that
+    can sit near zero), to the larger of it and the image's own reconstruction error, which sets float32's rounding.
+    """
     from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
 
     size = det.normalization.image_size
@@ -233,7 +238,11 @@ def verify_parity(det: Detector, model_path: Path, count: int = 16, seed: int = 
     ref = det.score(images)
     with OnnxRuntimeRunner(model_path, size, providers=["CPUExecutionProvider"]) as runner:
         got = runner.infer(images)
-    rel = float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12)))
+    scale = np.maximum(np.abs(ref), 1e-12)
+    if det.relative is not None:
+        scale = np.maximum(scale, score_images(det.encoder, det.decoder, det.normalization, images,
+                                               mask_ratio=det.test_mask_ratio, mask_seed=det.mask_seed))
+    rel = float(np.max(np.abs(got - ref) / scale))
     if rel > rtol:
         raise UserError(f"{model_path}: exported scores differ from torch by {rel:.2e} relative (> {rtol:g})")
     return {"images": count, "max_rel_diff": rel, "max_abs_diff": float(np.max(np.abs(got - ref)))}

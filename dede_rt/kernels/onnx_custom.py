@@ -232,6 +232,9 @@ def fuse_score_tail(
     """
     if _default_opset(model) < 13:
         raise ValueError("the fused graph needs default opset >= 13")
+    if any(n.op_type == "TopK" for n in model.graph.node):
+        # The node replaces everything that produces ``scores``; the prototype term would be pruned with it.
+        raise ValueError("this graph computes the relative score; the custom node replaces the reference tail only")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     hidden, recon = locate_head(model, scores, head_weight)
     tokens = (image_size // patch) ** 2

@@ -61,8 +61,11 @@ def machine() -> dict:
 
 
 def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, calibration: np.ndarray | None = None,
-                       decoder: dict | None = None) -> Path:
-    """A detector bundle with random-init weights (speed only): CIFAR ``arch`` victim + reference 12/4-block decoder."""
+                       decoder: dict | None = None, relative_k: int = 0, prototypes: int = 256) -> Path:
+    """A detector bundle with random-init weights (speed only): CIFAR ``arch`` victim + reference 12/4-block decoder.
+
+    ``relative_k`` > 0: the relative score, against the embeddings of ``prototypes`` of the calibration images.
+    """
     import torch
 
     from dede_rt.data.demo import demo_dataset
@@ -82,6 +85,11 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
     norm = Normalization()
     images = calibration if calibration is not None else demo_dataset(photo_count=200, seed=seed).images[:512]
     det = Detector(encoder, dec, norm, info, np.zeros(0, np.float32))
+    if relative_k:
+        from dede_rt.training import compute_embeddings
+
+        det.prototype_embeddings = compute_embeddings(encoder, norm, images[:prototypes], progress=False)
+        det.relative_k = relative_k
     det.calibration_scores = det.score(images)
     det.thresholds = calibrate(det.calibration_scores)
     det.extra = {"default_fpr": 0.01, "bench": {"weights": "random init (speed benchmark only)", "arch": arch,

@@ -54,6 +54,14 @@ def test_victim_spec_parsing_and_triggers():
     with pytest.raises(UserError):
         make_trigger("checkerboard")
     assert make_trigger("white_square").mask[21:31, 21:31].all()
+    # the logo blend: a fixed natural pattern at opacity 0.2 over the whole image, pixel-exact on a flat image
+    logo = make_trigger("logo_blend")
+    assert VictimSpec.parse("drupe:logo_blend").trigger == "logo_blend"
+    assert logo.pattern.shape == (32, 32, 3) and np.allclose(logo.mask, 0.2)
+    assert logo.pattern.std() > 20 and np.array_equal(logo.pattern, make_trigger("logo_blend", seed=5).pattern)
+    flat = np.full((1, 32, 32, 3), 100, np.uint8)
+    expected = np.rint(0.8 * 100 + 0.2 * logo.pattern.astype(np.float64)).astype(np.uint8)
+    assert np.abs(logo.stamp(flat)[0].astype(int) - expected).max() <= 1  # float32 rounding at .5 ties
 
 
 def _tiny_data(demo_images) -> EvalData:

@@ -45,7 +45,7 @@ from dede_rt.models.encoders import VictimEncoder, load_encoder, save_badencoder
 from dede_rt.models.resnet import build_resnet
 from dede_rt.probe import evaluate_probe
 
-TRIGGERS = ("white_square", "blend", "ctrl")
+TRIGGERS = ("white_square", "blend", "logo_blend", "ctrl")
 ATTACKS = ("clean", "badencoder", "drupe", "ctrl")
 
 
@@ -148,16 +148,30 @@ def load_eval_data(train: str | Path, test: str | Path, ood: str | Path | None =
 
 
 def make_trigger(name: str, image_size: int = 32, seed: int = 0):
-    """A trigger by name: BadEncoder's white square, a noise blend (alpha 0.2) or CTRL's frequency trigger."""
+    """A trigger by name: BadEncoder's white square, a noise blend or a logo blend (alpha 0.2), or CTRL's."""
     if name == "white_square":
         scale = image_size / 32  # the reference 10 px square at 21-30 of 32 px, scaled
         return white_square(image_size, max(1, round(10 * scale)), round(21 * scale))
     if name == "blend":
         pattern = np.random.default_rng(seed + 7).integers(0, 256, (image_size, image_size, 3)).astype(np.uint8)
         return blend_trigger(pattern, 0.2, "blend_noise_0.2")
+    if name == "logo_blend":  # Chen et al.'s blended attack used a cartoon (Hello Kitty); a shipped logo stands in
+        return blend_trigger(logo_pattern(image_size), 0.2, "blend_logo_0.2")
     if name == "ctrl":
         return ctrl_trigger(window=min(32, image_size))
     raise UserError(f"unknown trigger {name!r}; choose one of {', '.join(TRIGGERS)}")
+
+
+def logo_pattern(image_size: int = 32) -> np.ndarray:
+    """scikit-image's logo (shipped with the package, in no demo data set), RGB on white, ``image_size`` square."""
+    import skimage.data
+    from PIL import Image
+
+    rgba = skimage.data.logo().astype(np.float32)
+    rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0) + 255.0 * (1.0 - rgba[..., 3:] / 255.0)
+    small = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8)).resize((image_size, image_size),
+                                                                                    Image.Resampling.LANCZOS)
+    return np.asarray(small, np.uint8)
 
 
 @dataclass(frozen=True)

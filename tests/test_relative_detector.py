@@ -101,6 +101,11 @@ def test_relative_detector_exports_to_onnx_with_the_prototype_term(relative_bund
         got = runner.infer(images)
     own = score_images(det.encoder, det.decoder, det.normalization, images)
     assert _near(got, det.score(images), own, 1e-5)
+    from dede_rt.scan.pipeline import scan
+
+    np.savez(tmp_path / "few.npz", images=images[:8])
+    rows = list(scan(tmp_path / "few.npz", bundle, backend="onnxruntime"))
+    assert _near(np.array([r.score for r in rows]), det.score(images[:8]), own[:8], 1e-5)
     model = onnx.load(str(bundle / "onnx" / "detector.onnx"))
     topk = [n for n in model.graph.node if n.op_type == "TopK"]
     assert len(topk) == 1  # the k nearest prototypes, inside the graph

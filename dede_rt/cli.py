@@ -113,12 +113,12 @@ def eval_command(
     victims_dir: Optional[Path] = typer.Option(None, help="Where victims are built or reused (cached by settings)."),
     victim: Optional[list[str]] = typer.Option(
         None, metavar="ATTACK:TRIGGER", help="Victim to build (repeatable); attacks badencoder|drupe|ctrl, triggers "
-        "white_square|blend|logo_blend|ctrl. Default: badencoder and drupe with white_square and blend, and ctrl:ctrl (none when "
+        "white_square|blend|faint_blend|logo_blend|ctrl. Default: badencoder and drupe with white_square and blend, and ctrl:ctrl (none when "
         "--victim-file is given)."),
     victim_file: Optional[list[str]] = typer.Option(
         None, metavar="[NAME=]ATTACK:TRIGGER=PATH", help="Load your own victim (repeatable; BadEncoder/DRUPE/CTRL "
         "checkpoint, state dict, TorchScript or ONNX). ATTACK is a free label for the table; TRIGGER "
-        "(white_square|blend|logo_blend|ctrl) is stamped on the test images."),
+        "(white_square|blend|faint_blend|logo_blend|ctrl) is stamped on the test images."),
     clean_encoder: Optional[Path] = typer.Option(None, help="Clean encoder file: the control row of --victim-file "
                                                  "victims (required with them)."),
     train_data: Optional[Path] = typer.Option(None, help="Clean labelled images (class folders, CIFAR batches, .npz "

@@ -54,6 +54,8 @@ def test_victim_spec_parsing_and_triggers():
     with pytest.raises(UserError):
         make_trigger("checkerboard")
     assert make_trigger("white_square").mask[21:31, 21:31].all()
+    faint, blend = make_trigger("faint_blend"), make_trigger("blend")
+    assert np.array_equal(faint.pattern, blend.pattern) and np.allclose(faint.mask, 0.1) and np.allclose(blend.mask, 0.2)
     # the logo blend: a fixed natural pattern at opacity 0.2 over the whole image, pixel-exact on a flat image
     logo = make_trigger("logo_blend")
     assert VictimSpec.parse("drupe:logo_blend").trigger == "logo_blend"

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "drupe": "DRUPE", "ctrl": "CTRL"}
-TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "logo_blend": "logo blend", "ctrl": "frequency"}
+TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "faint_blend": "faint noise blend (0.1)",
+                 "logo_blend": "logo blend", "ctrl": "frequency"}
 METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"),
                   ("dede_relative", "id", "DeDe relative (ID)"), ("dede", "ood", "DeDe (OOD)"),
                   ("dede_relative", "ood", "DeDe relative (OOD)"),

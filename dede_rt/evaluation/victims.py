@@ -45,7 +45,7 @@ from dede_rt.models.encoders import VictimEncoder, load_encoder, save_badencoder
 from dede_rt.models.resnet import build_resnet
 from dede_rt.probe import evaluate_probe
 
-TRIGGERS = ("white_square", "blend", "logo_blend", "ctrl")
+TRIGGERS = ("white_square", "blend", "faint_blend", "logo_blend", "ctrl")
 ATTACKS = ("clean", "badencoder", "drupe", "ctrl")
 
 
@@ -148,13 +148,15 @@ def load_eval_data(train: str | Path, test: str | Path, ood: str | Path | None =
 
 
 def make_trigger(name: str, image_size: int = 32, seed: int = 0):
-    """A trigger by name: BadEncoder's white square, a noise blend or a logo blend (alpha 0.2), or CTRL's."""
+    """A trigger by name: BadEncoder's white square, a noise blend (opacity 0.2; faint: 0.1), a logo blend (0.2)
+    or CTRL's frequency trigger."""
     if name == "white_square":
         scale = image_size / 32  # the reference 10 px square at 21-30 of 32 px, scaled
         return white_square(image_size, max(1, round(10 * scale)), round(21 * scale))
-    if name == "blend":
+    if name in ("blend", "faint_blend"):  # the same noise pattern at opacity 0.2 or 0.1
         pattern = np.random.default_rng(seed + 7).integers(0, 256, (image_size, image_size, 3)).astype(np.uint8)
-        return blend_trigger(pattern, 0.2, "blend_noise_0.2")
+        alpha = 0.2 if name == "blend" else 0.1
+        return blend_trigger(pattern, alpha, f"blend_noise_{alpha}")
     if name == "logo_blend":  # Chen et al.'s blended attack used a cartoon (Hello Kitty); a shipped logo stands in
         return blend_trigger(logo_pattern(image_size), 0.2, "blend_logo_0.2")
     if name == "ctrl":

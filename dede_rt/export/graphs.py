@@ -8,7 +8,7 @@ blocks are not in the graph at all: embedding -> projection -> decoder blocks
 -> head -> squared error against the patchified input.
 
 A detector with the relative score carries its prototype reconstructions as a
-constant [K, T*P] buffer (restricted to the scored patches) and subtracts the
+constant [T*P, K] buffer (restricted to the scored patches) and subtracts the
 mean of the k smallest ||x - r||^2 in the graph (MatMul + TopK): one graph
 still maps pixels to the detector's score, on every backend.
 """

@@ -113,8 +113,8 @@ def eval_command(
     victims_dir: Optional[Path] = typer.Option(None, help="Where victims are built or reused (cached by settings)."),
     victim: Optional[list[str]] = typer.Option(
         None, metavar="ATTACK:TRIGGER", help="Victim to build (repeatable); attacks badencoder|drupe|ctrl, triggers "
-        "white_square|blend|faint_blend|logo_blend|ctrl. Default: badencoder and drupe with white_square and blend, and ctrl:ctrl (none when "
-        "--victim-file is given)."),
+        "white_square|blend|faint_blend|logo_blend|ctrl. Default: badencoder and drupe with white_square and blend, "
+        "and ctrl:ctrl (none when --victim-file is given)."),
     victim_file: Optional[list[str]] = typer.Option(
         None, metavar="[NAME=]ATTACK:TRIGGER=PATH", help="Load your own victim (repeatable; BadEncoder/DRUPE/CTRL "
         "checkpoint, state dict, TorchScript or ONNX). ATTACK is a free label for the table; TRIGGER "

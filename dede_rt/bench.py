@@ -84,12 +84,12 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
     dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], **(decoder or {})))
     norm = Normalization()
     images = calibration if calibration is not None else demo_dataset(photo_count=200, seed=seed).images[:512]
-    det = Detector(encoder, dec, norm, info, np.zeros(0, np.float32))
+    proto = None
     if relative_k:
         from dede_rt.training import compute_embeddings
 
-        det.prototype_embeddings = compute_embeddings(encoder, norm, images[:prototypes], progress=False)
-        det.relative_k = relative_k
+        proto = compute_embeddings(encoder, norm, images[:prototypes], progress=False)
+    det = Detector(encoder, dec, norm, info, np.zeros(0, np.float32), prototype_embeddings=proto, relative_k=relative_k)
     det.calibration_scores = det.score(images)
     det.thresholds = calibrate(det.calibration_scores)
     det.extra = {"default_fpr": 0.01, "bench": {"weights": "random init (speed benchmark only)", "arch": arch,

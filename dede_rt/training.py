@@ -27,7 +27,7 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
 from dede_rt.models.encoders import VictimEncoder, load_encoder
-from dede_rt.scoring import PROTOTYPES, RelativeReference, prototype_indices, reconstruction_loss, score_images
+from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
 
 if TYPE_CHECKING:
     from dede_rt.detector import Detector
@@ -345,14 +345,11 @@ def train_detector(
     result = train_decoder(encoder, normalization, train_images, dconf, config, embeddings=embeddings,
                            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     result.embed_seconds = embed_seconds
-    proto, relative = None, None
+    proto = None
     if relative_k:  # clean training embeddings, never the calibration images the threshold is set on
         proto = np.asarray(embeddings[prototype_indices(len(train_images), prototypes, config.seed)], np.float32)
-        relative = RelativeReference.from_embeddings(result.decoder, proto, relative_k)
-    clean_scores = score_images(encoder, result.decoder, normalization, hold_images, progress=progress,
-                                relative=relative)
     detector = Detector(
-        encoder, result.decoder, normalization, info, clean_scores, calibrate(clean_scores, fprs),
+        encoder, result.decoder, normalization, info, np.zeros(0, np.float32),
         train_mask_ratio=config.mask_ratio,
         extra={"default_fpr": default_fpr,
                "training": {**config.to_dict(), "images": int(len(train_images)),
@@ -361,6 +358,9 @@ def train_detector(
                             "train_seconds": round(result.train_seconds, 3),
                             "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}},
         prototype_embeddings=proto, relative_k=relative_k)
+    # Scored by the detector itself, so the calibrated score is the one it will serve (prototypes decoded once).
+    detector.calibration_scores = detector.score(hold_images, progress=progress)
+    detector.thresholds = calibrate(detector.calibration_scores, fprs)
     if out is not None:
         detector.save(out, embed_encoder=embed_encoder)
     return detector

@@ -107,6 +107,15 @@ def demo(
 # --- commands added by later issues register below this line ---
 
 
+def _drupe_overrides(stealth: float | None) -> dict:
+    """DRUPEConfig overrides for --drupe-stealth (empty: the defaults, so cached victims keep their key)."""
+    if stealth is None:
+        return {}
+    if stealth < 0:
+        raise UserError(f"--drupe-stealth must be >= 0, got {stealth}")
+    return {"lambda_swd": stealth, "lambda_collapse": stealth}
+
+
 @app.command("eval")
 def eval_command(
     out: Path = typer.Option(..., help="Directory for results.md/json, PNGs (and built victims unless --victims-dir)."),
@@ -134,6 +143,8 @@ def eval_command(
     target: int = typer.Option(0, help="The attack's target class (label of --train-data/--test-data)."),
     simclr_epochs: int = typer.Option(30), finetune_epochs: int = typer.Option(20),
     ctrl_rate: float = typer.Option(0.01, help="CTRL poisoning rate of the pre-training set."),
+    drupe_stealth: Optional[float] = typer.Option(None, help="Weight of DRUPE's distribution and anti-collapse terms "
+                                                  "(both; default: DRUPEConfig's 0.1)."),
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
     decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
     train_precision: str = typer.Option("fp32", help="Decoder training precision: fp32 or bf16 (bfloat16 autocast, "
@@ -195,7 +206,7 @@ def eval_command(
     config = EvalConfig(
         victims=tuple(victim) if victim else (() if victim_file else DEFAULT_VICTIMS),
         victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs, ctrl_rate=ctrl_rate,
-                            target=target),
+                            target=target, drupe=_drupe_overrides(drupe_stealth)),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list, regimes=regime_list,

@@ -281,6 +281,7 @@ def _eval_cli(*args):
     ("bad_trim", "--trim is the share of patches"),
     ("bad_precision", "unknown training precision 'fp8'"),
     ("bad_relative", "the relative score needs --relative-k >= 0"),
+    ("bad_drupe_stealth", "--drupe-stealth must be >= 0"),
 ])
 def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     u = user_files
@@ -294,12 +295,23 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
             "bad_precision": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
                               u / "clean.pth", "--train-precision", "fp8"],
             "bad_relative": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
-                             u / "clean.pth", "--relative-k", "10", "--prototypes", "4"]}[case]
+                             u / "clean.pth", "--relative-k", "10", "--prototypes", "4"],
+            "bad_drupe_stealth": ["--victim", "drupe:white_square", "--drupe-stealth", "-0.1"]}[case]
     proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_drupe_stealth_option_sets_both_stealth_weights():
+    from dede_rt.attacks.drupe import DRUPEConfig
+    from dede_rt.cli import _drupe_overrides
+
+    assert _drupe_overrides(None) == {}  # the defaults: victims cached without the option keep their cache key
+    config = DRUPEConfig(**_drupe_overrides(0.05))
+    assert (config.lambda_swd, config.lambda_collapse) == (0.05, 0.05)
+    assert config.lambda_std_refs == DRUPEConfig().lambda_std_refs
 
 
 def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dede_rt.data.demo import demo_digits, demo_photos
+from dede_rt.data.demo import demo_digits, demo_photos, other_photos
 from dede_rt.data.images import decode_image, iter_image_files
 from dede_rt.data.sources import load_cifar_batches, load_image_folder, load_images, load_npz
 from dede_rt.data.triggers import blend_trigger, patch_trigger, white_square
@@ -101,3 +101,12 @@ def test_demo_sources_are_seeded_and_shaped():
     p = demo_photos(50, 32, seed=3)
     assert p.images.shape == (50, 32, 32, 3) and len(p.classes) >= 10
     assert not (demo_photos(50, 32, seed=4).images == p.images).all()
+
+
+def test_other_photos_are_a_disjoint_seeded_source():
+    o = other_photos(40, 32, seed=3)
+    assert o.images.shape == (40, 32, 32, 3) and o.images.dtype == np.uint8
+    assert (other_photos(40, 32, seed=3).images == o.images).all()
+    # the out-of-distribution source shares no photo with the demo photos
+    assert len(o.classes) == 5 and not set(o.classes) & set(demo_photos(10, 32).classes)
+    assert o.images.std() > 10  # real crops, not blank frames

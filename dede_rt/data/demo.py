@@ -5,7 +5,10 @@ Two sources, so in- and out-of-distribution settings can be tried:
   image size and colourised with random foreground/background colours;
 - ``photos``: random crops of the natural photos bundled with scikit-image and
   scikit-learn (astronaut, coffee, cat, rocket, Hubble field, ...), labelled
-  by source photo.
+  by source photo;
+- ``other photos``: crops of the scikit-image photos the demo set does NOT use
+  (a motorcycle, a clock, a cell micrograph, scanned text): a second natural
+  image source for out-of-distribution decoder training on photo crops.
 Everything is generated from a seed: the same seed gives the same pixels.
 """
 
@@ -23,17 +26,22 @@ SKIMAGE_PHOTOS = (
     "retina", "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon",
 )
 
+# Other shipped scikit-image photos, disjoint from SKIMAGE_PHOTOS: the out-of-distribution source for photo crops.
+OTHER_PHOTOS = ("stereo_motorcycle", "clock", "cell", "page", "text")
+
+
+def _rgb(img) -> np.ndarray:
+    img = np.asarray(img[0] if isinstance(img, tuple) else img)  # stereo_motorcycle: (left, right, disparity)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return img[..., :3].astype(np.uint8)
+
 
 def _photos() -> dict[str, np.ndarray]:
     import skimage.data
     from sklearn.datasets import load_sample_images
 
-    photos = {}
-    for name in SKIMAGE_PHOTOS:
-        img = np.asarray(getattr(skimage.data, name)())
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        photos[name] = img[..., :3].astype(np.uint8)
+    photos = {name: _rgb(getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS}
     sample = load_sample_images()
     for fname, img in zip(sample.filenames, sample.images):
         photos[fname.rsplit("/", 1)[-1].split(".")[0]] = img
@@ -63,8 +71,18 @@ def demo_digits(image_size: int = 32, seed: int = 0) -> ImageSet:
 
 def demo_photos(count: int = 2400, image_size: int = 32, seed: int = 0) -> ImageSet:
     """Random square crops (10-60% of the short side, random flips) of the bundled photos."""
+    return _crops(_photos(), count, image_size, seed)
+
+
+def other_photos(count: int = 1200, image_size: int = 32, seed: int = 0) -> ImageSet:
+    """Crops like ``demo_photos`` of the scikit-image photos it does not use (OTHER_PHOTOS), labelled by photo."""
+    import skimage.data
+
+    return _crops({name: _rgb(getattr(skimage.data, name)()) for name in OTHER_PHOTOS}, count, image_size, seed)
+
+
+def _crops(photos: dict[str, np.ndarray], count: int, image_size: int, seed: int) -> ImageSet:
     rng = np.random.default_rng(seed + 1)
-    photos = _photos()
     classes = sorted(photos)
     images = np.empty((count, image_size, image_size, 3), np.uint8)
     labels = rng.integers(0, len(classes), size=count)

@@ -147,6 +147,24 @@ def test_victim_cache_keeps_victims_built_with_other_settings(tmp_path):
     assert meta is None and path != legacy
 
 
+def test_victim_cache_ignores_the_ood_set(tmp_path):
+    """No victim is built from the OOD images: adding --ood-data reuses the victims (older keys held its size)."""
+    from dede_rt.evaluation.victims import victim_cache_paths
+
+    data = {"pretrain": 10, "id_train": 10, "test": 5, "sources": {"train": "/d/train.npz", "test": "/d/test.npz"}}
+    old_key = {"epochs": 30, "data": {**data, "ood_train": 0}}  # written by a version that kept the OOD size
+    path = tmp_path / "clean-0123456789.pth"
+    path.write_bytes(b"weights")
+    (tmp_path / "clean-0123456789.json").write_text(json.dumps({"key": old_key, "path": str(path),
+                                                                "build_seconds": 3}))
+    with_ood = {"epochs": 30, "data": {**data, "ood_train": 1200,
+                                       "sources": {**data["sources"], "ood": "/d/ood.npz"}}}
+    assert victim_cache_paths(tmp_path, "clean", with_ood)[0] == path
+    assert victim_cache_paths(tmp_path, "clean", {"epochs": 30, "data": data})[2]["build_seconds"] == 3
+    other_test = {"epochs": 30, "data": {**data, "test": 6}}
+    assert victim_cache_paths(tmp_path, "clean", other_test)[2] is None  # anything else still counts
+
+
 def test_poison_training_split_stamps_only_the_chosen_training_images(demo_images):
     from dede_rt.data.transforms import Normalization
     from dede_rt.data.triggers import white_square

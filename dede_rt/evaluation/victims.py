@@ -277,10 +277,23 @@ class Victim:
                 "build_seconds": round(self.build_seconds, 1), "loaded": self.loaded}
 
 
+def _victim_data(summary: dict) -> dict:
+    """A data summary minus the OOD set: no victim is built from it, so adding --ood-data must not rebuild one."""
+    data = {k: v for k, v in summary.items() if k != "ood_train"}
+    if isinstance(data.get("sources"), dict):
+        data["sources"] = {k: v for k, v in data["sources"].items() if k != "ood"}
+    return data
+
+
+def _without_ood(key: dict) -> dict:
+    """A victim key minus the OOD set (keys of older versions held its size and path)."""
+    return {**key, "data": _victim_data(key["data"])} if isinstance(key.get("data"), dict) else key
+
+
 def _cached(meta_path: Path, key: dict) -> dict | None:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key and Path(meta["path"]).is_file():
+        if _without_ood(meta.get("key", {})) == _without_ood(key) and Path(meta["path"]).is_file():
             return meta
     return None
 
@@ -292,17 +305,22 @@ def victim_cache_paths(out: Path, name: str, key: dict) -> tuple[Path, Path, dic
     same directory does not overwrite one that took many minutes; a plain ``name.pth`` from older versions is
     still reused when its key matches.
     """
-    if (meta := _cached(out / f"{name}.json", key)) is not None:
-        return Path(meta["path"]), out / f"{name}.json", meta
+    key = _without_ood(key)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path, meta_path = out / f"{name}-{digest}.pth", out / f"{name}-{digest}.json"
-    return path, meta_path, _cached(meta_path, key)
+    # the plain name (oldest versions), this key's digest, then other digests (keys that held the OOD set's size)
+    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]{{10}}\.json")
+    others = sorted(p for p in out.glob(f"{name}-*.json") if pattern.fullmatch(p.name))
+    for candidate in [out / f"{name}.json", meta_path, *others]:
+        if (meta := _cached(candidate, key)) is not None:
+            return Path(meta["path"]), candidate, meta
+    return path, meta_path, None
 
 
 def base_key(config: VictimConfig, data: EvalData, normalization: Normalization | None = None) -> dict:
     """The settings a SimCLR victim depends on (its cache key)."""
     skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "drupe")
-    key = {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": data.summary()}
+    key = {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": _victim_data(data.summary())}
     if normalization is not None and normalization != Normalization():  # the default stays out: old caches stay valid
         key["normalization"] = normalization.to_dict()
     return key

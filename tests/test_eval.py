@@ -322,6 +322,16 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
 
 
+def test_histograms_show_the_ood_decoders_when_no_id_ones_ran():
+    from dede_rt.evaluation.report import histogram_key
+
+    both = {("v", "blend", "raw", "dede", "id"): 1, ("v", "blend", "raw", "dede", "ood"): 2}
+    assert histogram_key(both, "v", "blend") == ("v", "blend", "raw", "dede", "id")
+    ood_only = {("v", "blend", "raw", "dede", "ood"): 2, ("v", "blend", "l2", "dede", "id"): 3}
+    assert histogram_key(ood_only, "v", "blend") == ("v", "blend", "raw", "dede", "ood")
+    assert histogram_key(ood_only, "v", "white_square") is None
+
+
 def test_drupe_stealth_option_sets_both_stealth_weights():
     from dede_rt.attacks.drupe import DRUPEConfig
     from dede_rt.cli import _drupe_overrides

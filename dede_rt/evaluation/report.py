@@ -156,6 +156,14 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def histogram_key(curves: dict, encoder: str, trigger: str) -> tuple | None:
+    """The curve a score histogram shows: raw DeDe of the ID decoders, else of the OOD ones (an OOD-only run)."""
+    for regime in ("id", "ood"):
+        if (key := (encoder, trigger, "raw", "dede", regime)) in curves:
+            return key
+    return None
+
+
 def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("clean",)) -> list[str]:
     import matplotlib
 
@@ -173,6 +181,7 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
                                       ((enc, trig, "raw", "dede_trimmed", "id"), "-", "DeDe trimmed ID"),
                                       ((enc, trig, "raw", "dede_relative", "id"), "-", "DeDe relative ID"),
                                       ((enc, trig, "raw", "dede", "ood"), "-.", "DeDe OOD"),
+                                      ((enc, trig, "raw", "dede_relative", "ood"), "-.", "DeDe relative OOD"),
                                       *(((c, trig, "raw", "dede", "id"), ":", "control (clean enc.)"
                                          + ("" if c == "clean" else f" {c}")) for c in controls),
                                       *(((c, trig, "raw", "dede_trimmed", "id"), ":", "control, trimmed"
@@ -180,7 +189,8 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
                                       *(((c, trig, "raw", "dede_relative", "id"), ":", "control, relative"
                                          + ("" if c == "clean" else f" {c}")) for c in controls),
                                       ((enc, trig, "raw", "embedding_norm", "-"), "-", "emb. norm"),
-                                      ((enc, trig, "raw", "knn", "id"), "-", "kNN")):
+                                      ((enc, trig, "raw", "knn", "id"), "-", "kNN"),
+                                      ((enc, trig, "raw", "knn", "ood"), "-.", "kNN, OOD ref")):
                 if key in curves:
                     fpr, tpr, _ = roc_curve(*curves[key])
                     ax.plot(fpr, tpr, style, lw=1.2, label=label)
@@ -196,15 +206,15 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
         written.append("roc.png")
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
         for ax, (enc, trig) in zip(axes[0], panels):
-            key = (enc, trig, "raw", "dede", "id")
-            if key not in curves:
+            key = histogram_key(curves, enc, trig)
+            if key is None:
                 continue
             labels, scores = curves[key]
             bins = np.histogram_bin_edges(np.log10(scores + 1e-6), 40)
             ax.hist(np.log10(scores[labels == 0] + 1e-6), bins, alpha=0.6, label="clean")
             ax.hist(np.log10(scores[labels == 1] + 1e-6), bins, alpha=0.6, label="triggered")
             ax.set_title(enc, fontsize=8)
-            ax.set_xlabel("log10 DeDe score (ID, raw)", fontsize=7)
+            ax.set_xlabel(f"log10 DeDe score ({key[4].upper()}, raw)", fontsize=7)
             ax.tick_params(labelsize=7)
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()

@@ -291,9 +291,10 @@ def _without_ood(key: dict) -> dict:
 
 
 def _cached(meta_path: Path, key: dict) -> dict | None:
+    """The metadata at ``meta_path`` if its victim was built with ``key`` (an OOD-free key) and still exists."""
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if _without_ood(meta.get("key", {})) == _without_ood(key) and Path(meta["path"]).is_file():
+        if _without_ood(meta.get("key", {})) == key and Path(meta["path"]).is_file():
             return meta
     return None
 
@@ -303,7 +304,7 @@ def victim_cache_paths(out: Path, name: str, key: dict) -> tuple[Path, Path, dic
 
     Each settings key gets its own files (``name-<digest>``), so building a victim with other settings in the
     same directory does not overwrite one that took many minutes; a plain ``name.pth`` from older versions is
-    still reused when its key matches.
+    still reused when its key matches. The OOD set is no part of a key (no victim is built from it).
     """
     key = _without_ood(key)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]

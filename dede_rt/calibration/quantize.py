@@ -106,11 +106,6 @@ def score_tail(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return tail, ends
 
 
-def score_tail_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul/Gemm nodes that end the score tail (decoder head, prototype product): kept float in INT8."""
-    return score_tail(model)[1]
-
-
 def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """The tensors among ``names`` produced in the deeper half of the network (from the middle Conv's input on).
 
@@ -184,7 +179,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         pre_model = onnx.load(str(pre))
         if not quantize_head:
-            excluded = score_tail_nodes(pre_model)
+            excluded = score_tail(pre_model)[1]  # the MatMuls ending the tail (head, prototype product) stay float
         reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
         if headroom != 1.0:
             extra["TensorQuantOverrides"] = _headroom_overrides(pre, pre_model, reader, methods[method], headroom,

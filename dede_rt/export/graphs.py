@@ -40,19 +40,18 @@ class Normalize(nn.Module):
 
 
 class RelativeTerm(nn.Module):
-    """(target patches [N,T,P]) -> mean of the k smallest SSEs to constant prototype reconstructions [N]."""
+    """(target patches [N,T,P], unscored ones zeroed) -> mean of the k smallest SSEs to constant prototypes [N]."""
 
     def __init__(self, relative: RelativeReference, masked: torch.Tensor) -> None:
         super().__init__()
         self.k = relative.k
         keep = masked.to(torch.float64)[None, :, None]
         prototypes = (relative.prototypes.detach().cpu().double() * keep).flatten(1)
-        self.register_buffer("masked", masked.float().clone()[None, :, None])
         self.register_buffer("prototypes_t", prototypes.T.float().contiguous())  # [T*P, K]
         self.register_buffer("prototype_sq", prototypes.square().sum(1).float()[None])  # [1, K], exact in float64
 
-    def forward(self, target: torch.Tensor) -> torch.Tensor:
-        x = (target * self.masked).flatten(1)
+    def forward(self, scored_target: torch.Tensor) -> torch.Tensor:
+        x = scored_target.flatten(1)
         # ||x - r||^2 = ||x||^2 - 2 x.r + ||r||^2; the ranking needs only the last two (||x||^2 is per row).
         partial = self.prototype_sq - 2.0 * (x @ self.prototypes_t)
         nearest = torch.topk(partial, self.k, dim=1, largest=False).values.mean(dim=1)
@@ -77,7 +76,9 @@ class ScoreGraph(nn.Module):
     def forward(self, images: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         target = patchify_images(images, self.decoder.config.patch_size)
         own = self._own_sse(images, embedding, target)
-        return own if self.relative is None else own - self.relative(target)
+        if self.relative is None:
+            return own
+        return own - self.relative(target * self.masked[None, :, None])
 
     def _own_sse(self, images: torch.Tensor, embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         d, c = self.decoder, self.decoder.config

@@ -342,6 +342,19 @@ def test_drupe_stealth_option_sets_both_stealth_weights():
     assert config.lambda_std_refs == DRUPEConfig().lambda_std_refs
 
 
+def test_drupe_stealth_help_names_the_real_default():
+    import typer.main
+
+    from dede_rt.attacks.drupe import DRUPEConfig
+    from dede_rt.cli import app
+
+    command = typer.main.get_command(app).commands["eval"]
+    (option,) = [p for p in command.params if p.name == "drupe_stealth"]
+    default = DRUPEConfig()
+    assert default.lambda_swd == default.lambda_collapse  # one number describes both
+    assert f"DRUPEConfig's {default.lambda_swd})" in option.help  # the CLI names it literally (no torch import)
+
+
 def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
     config = EvalConfig(victims=("badencoder:white_square", "badencoder:blend"),
                         victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1),

@@ -143,6 +143,8 @@ def eval_command(
     target: int = typer.Option(0, help="The attack's target class (label of --train-data/--test-data)."),
     simclr_epochs: int = typer.Option(30), finetune_epochs: int = typer.Option(20),
     ctrl_rate: float = typer.Option(0.01, help="CTRL poisoning rate of the pre-training set."),
+    ctrl_magnitude: float = typer.Option(100.0, help="CTRL trigger magnitude on the poisoned pre-training images "
+                                         "(test images always carry the reference 100)."),
     drupe_stealth: Optional[float] = typer.Option(None, help="Weight of DRUPE's distribution and anti-collapse terms "
                                                   "(both; default: DRUPEConfig's 0.1)."),
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
@@ -199,6 +201,8 @@ def eval_command(
     regime_list = tuple(r.strip() for r in regimes.split(",") if r.strip())
     if not 0.0 <= poison_rate < 1.0:
         raise UserError(f"--poison-rate must be in [0, 1), got {poison_rate}")
+    if not 0.0 < ctrl_rate < 1.0 or ctrl_magnitude <= 0:
+        raise UserError(f"--ctrl-rate must be in (0, 1) and --ctrl-magnitude > 0, got {ctrl_rate} and {ctrl_magnitude}")
     if not regime_list or set(regime_list) - {"id", "ood"}:
         raise UserError(f"--regimes takes id and/or ood, got {regimes!r}")
     if "ood" in regime_list and train_data is not None and ood_data is None:
@@ -206,7 +210,7 @@ def eval_command(
     config = EvalConfig(
         victims=tuple(victim) if victim else (() if victim_file else DEFAULT_VICTIMS),
         victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs, ctrl_rate=ctrl_rate,
-                            target=target, drupe=_drupe_overrides(drupe_stealth)),
+                            ctrl_magnitude=ctrl_magnitude, target=target, drupe=_drupe_overrides(drupe_stealth)),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list, regimes=regime_list,

@@ -16,6 +16,7 @@ from dede_rt.attacks.drupe import (DRUPEConfig, drupe_effectiveness, drupe_finet
 from dede_rt.attacks.simclr import nt_xent
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import blend_trigger, patch_trigger, white_square
+from dede_rt.errors import UserError
 from dede_rt.models.resnet import build_resnet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -105,7 +106,7 @@ def test_poison_target_class_stamps_only_target_images(rng):
     assert len(idx) == 10 and (labels[idx] == 2).all()
     changed = np.flatnonzero((poisoned != images).any(axis=(1, 2, 3)))
     assert np.array_equal(changed, idx)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="found 50: lower the CTRL poisoning rate"):
         poison_target_class(images, labels, target=2, rate=0.5)
 
 

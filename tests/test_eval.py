@@ -300,6 +300,8 @@ def _eval_cli(*args):
     ("bad_precision", "unknown training precision 'fp8'"),
     ("bad_relative", "the relative score needs --relative-k >= 0"),
     ("bad_drupe_stealth", "--drupe-stealth must be >= 0"),
+    ("bad_ctrl_magnitude", "--ctrl-magnitude > 0"),
+    ("ctrl_rate_above_target_share", "lower the CTRL poisoning rate"),
 ])
 def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
     u = user_files
@@ -314,12 +316,36 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
                               u / "clean.pth", "--train-precision", "fp8"],
             "bad_relative": ["--victim-file", f"badencoder:white_square={u / 'victim.pth'}", "--clean-encoder",
                              u / "clean.pth", "--relative-k", "10", "--prototypes", "4"],
-            "bad_drupe_stealth": ["--victim", "drupe:white_square", "--drupe-stealth", "-0.1"]}[case]
+            "bad_drupe_stealth": ["--victim", "drupe:white_square", "--drupe-stealth", "-0.1"],
+            "bad_ctrl_magnitude": ["--victim", "ctrl:ctrl", "--ctrl-magnitude", "0"],
+            # user data: 75 train images, 25 of class 0: 50% of them cannot all be target-class images
+            "ctrl_rate_above_target_share": ["--victim", "ctrl:ctrl", "--ctrl-rate", "0.5", "--regimes", "id",
+                                             "--train-data", u / "train", "--test-data", u / "train"]}[case]
     proc = _eval_cli("--out", tmp_path / "out", *args, *TINY_EVAL)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_ctrl_magnitude_changes_the_poison_and_the_cache_key_only_when_set(tmp_path, monkeypatch):
+    import dede_rt.evaluation.victims as victims
+
+    seen = []
+    monkeypatch.setattr(victims, "simclr_victim", lambda out, name, images, key, *a, **k: seen.append((images, key)))
+    rng = np.random.default_rng(0)
+    unused = np.zeros((4, 32, 32, 3), np.uint8)
+    data = victims.EvalData(rng.integers(40, 200, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 4,
+                            unused, np.zeros(4, int), unused, np.zeros(4, int), unused)
+    for magnitude in (100.0, 200.0):
+        victims.build_ctrl_victim(tmp_path, "ctrl_ctrl", data, Normalization(),
+                                  victims.VictimConfig(ctrl_rate=0.1, ctrl_magnitude=magnitude), log=lambda *_: None)
+    (reference, ref_key), (strong, strong_key) = seen
+    assert "magnitude" not in ref_key and strong_key == {**ref_key, "magnitude": 200.0}  # old caches keep their key
+    changed = (reference != data.pretrain).any(axis=(1, 2, 3))
+    assert changed.sum() == 4 and np.array_equal(changed, (strong != data.pretrain).any(axis=(1, 2, 3)))
+    step = lambda images: np.abs(images[changed].astype(int) - data.pretrain[changed]).mean()
+    assert 1.7 < step(strong) / step(reference) < 2.3  # twice the DCT magnitude, up to uint8 rounding
 
 
 def test_histograms_show_the_ood_decoders_when_no_id_ones_ran():

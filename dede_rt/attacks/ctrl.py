@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dede_rt.errors import UserError
+
 # OpenCV's RGB -> YCrCb (full range, delta 128) coefficients.
 _KR, _KG, _KB = 0.299, 0.587, 0.114
 _CR, _CB = 0.713, 0.564
@@ -112,14 +114,21 @@ def image_spectrum(images_u8: np.ndarray, window: int = 32) -> np.ndarray:
     return block_dct(np.moveaxis(ycc, -1, 1), window)
 
 
+def poison_candidates(labels: np.ndarray, target: int, rate: float) -> tuple[int, np.ndarray]:
+    """How many images ``rate`` poisons and the target-class indices to draw them from; a UserError if too few."""
+    count = int(round(rate * len(labels)))
+    candidates = np.flatnonzero(labels == target)
+    if count > len(candidates):
+        raise UserError(f"poisoning {count} images ({rate:g} of {len(labels)}) needs that many target-class "
+                        f"images, found {len(candidates)}: lower the CTRL poisoning rate")
+    return count, candidates
+
+
 def poison_target_class(images_u8: np.ndarray, labels: np.ndarray, target: int, rate: float,
                         trigger: FrequencyTrigger | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stamp the trigger on ``rate`` x N target-class images (CTRL's SSL poisoning); returns (images, poisoned idx)."""
     trigger = trigger or ctrl_trigger()
-    count = int(round(rate * len(images_u8)))
-    candidates = np.flatnonzero(labels == target)
-    if count > len(candidates):
-        raise ValueError(f"poisoning {count} images needs that many target-class images, found {len(candidates)}")
+    count, candidates = poison_candidates(labels, target, rate)
     chosen = np.sort(np.random.default_rng(seed).choice(candidates, size=count, replace=False))
     out = images_u8.copy()
     out[chosen] = trigger.stamp(images_u8[chosen])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune
-from dede_rt.attacks.ctrl import ctrl_trigger, poison_target_class
+from dede_rt.attacks.ctrl import ctrl_trigger, poison_candidates, poison_target_class
 from dede_rt.attacks.drupe import DRUPEConfig, drupe_finetune
 from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_digits, demo_photos
@@ -244,6 +244,7 @@ class VictimConfig:
     references: int = 3
     target: int = 0
     ctrl_rate: float = 0.01
+    ctrl_magnitude: float = 100.0  # of the poisoned pre-training images; test images carry the reference 100
     drupe: dict = field(default_factory=dict)  # overrides of DRUPEConfig
     seed: int = 0
 
@@ -320,7 +321,7 @@ def victim_cache_paths(out: Path, name: str, key: dict) -> tuple[Path, Path, dic
 
 def base_key(config: VictimConfig, data: EvalData, normalization: Normalization | None = None) -> dict:
     """The settings a SimCLR victim depends on (its cache key)."""
-    skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "drupe")
+    skip = ("finetune_epochs", "finetune_lr", "shadow_fraction", "references", "ctrl_rate", "ctrl_magnitude", "drupe")
     key = {**{k: v for k, v in asdict(config).items() if k not in skip}, "data": _victim_data(data.summary())}
     if normalization is not None and normalization != Normalization():  # the default stays out: old caches stay valid
         key["normalization"] = normalization.to_dict()
@@ -351,12 +352,15 @@ def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normaliza
 def build_ctrl_victim(out: Path, name: str, data: EvalData, normalization: Normalization, config: VictimConfig,
                       progress: bool = True, log=print) -> tuple[Path, float]:
     """CTRL: SimCLR from scratch on the pre-training set with ``ctrl_rate`` target-class images triggered."""
-    trigger = make_trigger("ctrl", normalization.image_size, config.seed)
+    trigger = ctrl_trigger(config.ctrl_magnitude, window=min(32, normalization.image_size))
     poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, config.target, config.ctrl_rate,
                                         trigger, config.seed)
-    log(f"victim {name}: {len(idx)} of {len(poisoned)} pre-training images poisoned (class {config.target})")
-    return simclr_victim(Path(out), name, poisoned, {**base_key(config, data, normalization), "attack": "ctrl",
-                                                     "rate": config.ctrl_rate}, normalization, config, progress, log)
+    log(f"victim {name}: {len(idx)} of {len(poisoned)} pre-training images poisoned (class {config.target}, "
+        f"magnitude {config.ctrl_magnitude:g})")
+    key = {**base_key(config, data, normalization), "attack": "ctrl", "rate": config.ctrl_rate}
+    if config.ctrl_magnitude != VictimConfig.ctrl_magnitude:  # the reference stays out: old caches stay valid
+        key["magnitude"] = config.ctrl_magnitude
+    return simclr_victim(Path(out), name, poisoned, key, normalization, config, progress, log)
 
 
 def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, normalization: Normalization,
@@ -367,6 +371,8 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
     torch.set_num_threads(max(1, torch.get_num_threads()))
     base = base_key(config, data, normalization)
     target = config.target
+    if any(spec.attack == "ctrl" for spec in specs):  # a bad rate fails now, not after the clean pre-training
+        poison_candidates(data.pretrain_labels, target, config.ctrl_rate)
     ref_idx = np.flatnonzero(data.id_train_labels == target)[: config.references]
     reference = data.id_train[ref_idx]
     shadow = data.pretrain[np.random.default_rng(config.seed + 3).permutation(len(data.pretrain))[

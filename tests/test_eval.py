@@ -348,6 +348,22 @@ def test_ctrl_magnitude_changes_the_poison_and_the_cache_key_only_when_set(tmp_p
     assert 1.7 < step(strong) / step(reference) < 2.3  # twice the DCT magnitude, up to uint8 rounding
 
 
+def test_simclr_victims_do_not_depend_on_the_random_state_before_them(tmp_path):
+    from dede_rt.evaluation.victims import simclr_victim
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    config = VictimConfig(simclr_epochs=1, simclr_batch=8)
+    weights = []
+    for run in range(2):
+        torch.rand(run * 100 + 1)  # other work (e.g. loading a cached victim) consumed the global generator
+        (tmp_path / str(run)).mkdir()
+        path, _ = simclr_victim(tmp_path / str(run), "clean", images, {"run": run}, Normalization(), config,
+                                progress=False, log=lambda *_: None)
+        weights.append(torch.load(path, map_location="cpu", weights_only=False))
+    first, second = (w["state_dict"] for w in weights)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_histograms_show_the_ood_decoders_when_no_id_ones_ran():
     from dede_rt.evaluation.report import histogram_key
 

@@ -336,6 +336,7 @@ def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normaliza
         log(f"victim {name}: reusing {path}")
         return path, meta["build_seconds"]
     t0 = time.perf_counter()
+    torch.manual_seed(config.seed)  # the initial weights must not depend on what ran before in this process
     model = build_resnet(config.arch)
     losses = train_simclr(model, model.embed_dim, images, normalization,
                           SimCLRConfig(epochs=config.simclr_epochs, batch_size=config.simclr_batch, seed=config.seed),

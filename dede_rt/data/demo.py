@@ -37,11 +37,16 @@ def _rgb(img) -> np.ndarray:
     return img[..., :3].astype(np.uint8)
 
 
-def _photos() -> dict[str, np.ndarray]:
+def _skimage_photos(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     import skimage.data
+
+    return {name: _rgb(getattr(skimage.data, name)()) for name in names}
+
+
+def _photos() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_images
 
-    photos = {name: _rgb(getattr(skimage.data, name)()) for name in SKIMAGE_PHOTOS}
+    photos = _skimage_photos(SKIMAGE_PHOTOS)
     sample = load_sample_images()
     for fname, img in zip(sample.filenames, sample.images):
         photos[fname.rsplit("/", 1)[-1].split(".")[0]] = img
@@ -76,9 +81,7 @@ def demo_photos(count: int = 2400, image_size: int = 32, seed: int = 0) -> Image
 
 def other_photos(count: int = 1200, image_size: int = 32, seed: int = 0) -> ImageSet:
     """Crops like ``demo_photos`` of the scikit-image photos it does not use (OTHER_PHOTOS), labelled by photo."""
-    import skimage.data
-
-    return _crops({name: _rgb(getattr(skimage.data, name)()) for name in OTHER_PHOTOS}, count, image_size, seed)
+    return _crops(_skimage_photos(OTHER_PHOTOS), count, image_size, seed)
 
 
 def _crops(photos: dict[str, np.ndarray], count: int, image_size: int, seed: int) -> ImageSet:

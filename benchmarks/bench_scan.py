@@ -230,7 +230,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from dede_rt.detector import versions
+    from dede_rt.bundle import versions
 
     detector = build_detector(args.workdir)
     result: dict = {"benchmark": "scan", "detector": {"encoder": "resnet_small (128-d)", "decoder": DECODER},

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Detector": "dede_rt.detector",
-    "load_detector": "dede_rt.detector",
+    "Detector": "dede_rt.bundle",
+    "load_detector": "dede_rt.bundle",
+    "Scorer": "dede_rt.scoring",
     "train_detector": "dede_rt.training",
     "TrainConfig": "dede_rt.training",
     "load_encoder": "dede_rt.models.encoders",
@@ -23,9 +24,10 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from dede_rt.demo import run_demo
-    from dede_rt.detector import Detector, load_detector
+    from dede_rt.bundle import Detector, load_detector
     from dede_rt.metrics import detection_report
     from dede_rt.models.encoders import load_encoder
+    from dede_rt.scoring import Scorer
     from dede_rt.training import TrainConfig, train_detector
 
 __all__ = ["__version__", *_EXPORTS]

@@ -70,11 +70,10 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
 
     from dede_rt.data.demo import demo_dataset
     from dede_rt.data.transforms import Normalization
-    from dede_rt.detector import Detector
+    from dede_rt.bundle import Detector, Thresholds
     from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
     from dede_rt.models.encoders import load_encoder, save_badencoder_checkpoint
     from dede_rt.models.resnet import build_resnet
-    from dede_rt.thresholds import calibrate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,11 +88,11 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
         from dede_rt.training import compute_embeddings
 
         proto = compute_embeddings(encoder, norm, images[:prototypes], progress=False)
-    det = Detector(encoder, dec, norm, info, np.zeros(0, np.float32), prototype_embeddings=proto, relative_k=relative_k)
+    det = Detector(encoder=encoder, decoder=dec, normalization=norm, encoder_info=info, prototype_embeddings=proto,
+                   relative_k=relative_k, sections={"bench": {"weights": "random init (speed benchmark only)",
+                                                              "arch": arch, "decoder": dec.config.to_dict()}})
     det.calibration_scores = det.score(images)
-    det.thresholds = calibrate(det.calibration_scores)
-    det.extra = {"default_fpr": 0.01, "bench": {"weights": "random init (speed benchmark only)", "arch": arch,
-                                                "decoder": dec.config.to_dict()}}
+    det.thresholds = Thresholds.from_scores(det.calibration_scores).by_fpr
     det.save(out, embed_encoder=True)
     return out
 
@@ -145,10 +144,9 @@ def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ..
 
 def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], variants: tuple[tuple[str, str], ...],
                    seconds: float, rounds: int, threads: int, record: bool, log) -> dict:
-    from scipy.stats import spearmanr
-
+    from dede_rt.bundle import edit_manifest, read_manifest
+    from dede_rt.engines.comparator import compare_scores, run_batched
     from dede_rt.engines.registry import device_kind, make_runner
-    from dede_rt.export.bundle import deployment, update_deployment
 
     if len(images) < max(batches):
         reps = -(-max(batches) // len(images))
@@ -166,13 +164,11 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
         raise UserError("the torch fp32 baseline could not be loaded")
     # Score agreement with torch on the same images (first 512), before timing.
     probe = images[:512]
-    ref = np.concatenate([runners[("torch", "fp32")].infer(probe[i : i + 256]) for i in range(0, len(probe), 256)])
+    ref = run_batched(runners[("torch", "fp32")], probe)
     agreement = {}
     for key, runner in runners.items():
-        got = np.concatenate([runner.infer(probe[i : i + 256]) for i in range(0, len(probe), 256)])
-        rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-12)
-        agreement[key] = {"max_rel_diff_vs_torch": float(rel.max()),
-                          "spearman_vs_torch": float(spearmanr(ref, got).statistic)}
+        c = compare_scores(ref, run_batched(runner, probe))
+        agreement[key] = {"max_rel_diff_vs_torch": c.max_rel_diff, "spearman_vs_torch": c.spearman}
     timings = {(k, b): _Timing() for k in runners for b in batches}
     started = time.perf_counter()
     for r in range(rounds):
@@ -182,12 +178,13 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
         log(f"round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
     kind = device_kind()
     rows = []
-    gates = deployment(bundle).get("precisions", {})
+    gates = read_manifest(bundle).deployment.precisions
     for (key, batch), t in timings.items():
-        row = _row(*key, batch, t, runners[key].choice.device)
+        row = _row(*key, batch, t, runners[key].device)
         row.update(agreement[key])
-        gate = gates.get(key[1], {}).get("gate") if key[0] == "onnxruntime" else None
-        if gate and not gate.get("reference"):
+        entry = gates.get(key[1]) if key[0] == "onnxruntime" else None
+        if entry is not None and entry.gate.mode != "reference":
+            gate = entry.gate.to_dict()
             row["quality_gate"] = {k: gate[k] for k in ("passed", "mode", "spearman_clean", "auroc_drop", "tpr_drop")
                                    if k in gate}
         rows.append(row)
@@ -205,7 +202,8 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
             best[k] = {"throughput": row["throughput"], "batch": row["batch"], "device": kind,
                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if record:
-        update_deployment(bundle, "benchmarks", None, best)
+        with edit_manifest(bundle) as manifest:
+            manifest.deployment.benchmarks = best
     info = machine()
     try:
         info["load_average_end"] = list(os.getloadavg())
@@ -283,9 +281,10 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
     ``bundle=None`` builds the reference-shaped speed bundle (random-init ResNet18 +
     12/4-block decoder) under ``workdir``.
     """
+    from dede_rt.bundle import read_manifest
     from dede_rt.calibration.pipeline import calibrate_detector
     from dede_rt.data.demo import demo_dataset
-    from dede_rt.export.bundle import deployment
+    from dede_rt.engines.loaders import ensure_graph
 
     if clean is None:
         clean = demo_dataset(photo_count=400).images
@@ -295,13 +294,8 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
             log(f"building the speed bundle (random-init resnet18 + reference decoder) in {bundle}")
             build_bench_bundle(bundle, calibration=clean[:512])
     bundle = Path(bundle)
-    dep = deployment(bundle)
-    if "fp32" not in dep.get("precisions", {}):
-        from dede_rt.export import export_detector
-
-        log("exporting ONNX")
-        export_detector(bundle, graphs=("detector",))
-    missing = tuple(p for p in precisions if p not in deployment(bundle).get("precisions", {}))
+    ensure_graph(bundle, "detector", log)
+    missing = tuple(p for p in precisions if p not in read_manifest(bundle).deployment.precisions)
     if missing:
         log(f"calibrating {', '.join(missing)}")
         calibrate_detector(bundle, clean, precisions=missing, warn=log)
@@ -317,10 +311,10 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, batches: tuple
 
     images = demo_dataset(photo_count=400).images
     if bundle is not None:
+        from dede_rt.bundle import read_manifest
         from dede_rt.data.sources import ImageSet, resize_set
-        from dede_rt.export.bundle import read_manifest
 
-        size = int(read_manifest(bundle)["normalization"]["image_size"])
+        size = read_manifest(bundle).image_size
         if size != images.shape[1]:
             images = resize_set(ImageSet(images), size).images
     path = prepare_bundle(bundle, workdir, images, tuple(p for b, p in variants if b == "onnxruntime" and p != "fp32"),
@@ -337,18 +331,17 @@ def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndar
     ``clean`` (disjoint from the test split) calibrates INT8 and the per-precision
     thresholds; the test split is only scored.
     """
-    from scipy.stats import spearmanr
-
+    from dede_rt.bundle import fpr_key, read_manifest
     from dede_rt.calibration.pipeline import calibrate_detector
-    from dede_rt.engines.comparator import run_batched
+    from dede_rt.engines.comparator import compare_scores, run_batched
     from dede_rt.engines.registry import make_runner
-    from dede_rt.export.bundle import deployment, read_manifest
     from dede_rt.metrics import detection_report
 
     bundle = Path(bundle)
     calibrate_detector(bundle, clean, count=count, warn=log)
-    dep = deployment(bundle)["precisions"]
-    fpr = float(read_manifest(bundle)["thresholds"].get("default_fpr", 0.01))
+    manifest = read_manifest(bundle)
+    dep = manifest.deployment.precisions
+    fpr = manifest.thresholds.default_fpr
     images = np.concatenate([test_clean, test_triggered])
     labels = np.r_[np.zeros(len(test_clean), int), np.ones(len(test_triggered), int)]
     rows, ref = [], None
@@ -356,13 +349,15 @@ def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndar
                                ("onnxruntime", "fp16")):
         with make_runner(bundle, backend, precision) as runner:
             scores = run_batched(runner, images, 128)
-        key = "thresholds_heldout" if precision == "fp32" else "thresholds"
-        threshold = dep[precision][key][f"{fpr:g}"]
+        entry = dep[precision]
+        # FP32's thresholds re-chosen on the same held-out set as the lower precisions': a like-for-like row.
+        threshold = (entry.details["thresholds_heldout"] if precision == "fp32" else entry.thresholds)[fpr_key(fpr)]
         ref = scores if ref is None else ref
         report = detection_report(labels, scores, threshold)
+        gate = entry.gate
         rows.append({"backend": backend, "precision": precision, "threshold": threshold, **report,
-                     "spearman_vs_torch": float(spearmanr(ref, scores).statistic),
-                     "gate": {k: v for k, v in dep[precision]["gate"].items() if k in ("passed", "mode", "summary")}})
+                     "spearman_vs_torch": compare_scores(ref, scores).spearman,
+                     "gate": {"passed": gate.passed, "mode": gate.mode, "summary": gate.summary}})
     base = rows[0]["auroc"]
     for r in rows:
         r["auroc_delta_vs_torch_fp32"] = r["auroc"] - base

@@ -55,7 +55,9 @@ def train(
                                         "bfloat16 autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
     patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
-    score: str = typer.Option("reference", help="reference (DeDe's summed error) or relative (minus the error of "
+    qkv_bias: bool = typer.Option(False, help="Give the decoder's attention qkv a bias (the paper's decoder, timm "
+                                  "Block(dim, heads), has none)."),
+    score: str = typer.Option("summed", help="summed (DeDe's summed error) or relative (minus the error of "
                               "the best-fitting clean prototype reconstructions: a pasted patch no embedding redraws "
                               "cancels)."),
     relative_k: int = typer.Option(32, help="relative score: how many best-fitting prototypes it averages."),
@@ -68,18 +70,22 @@ def train(
     from dede_rt.data.transforms import Normalization
     from dede_rt.training import TrainConfig, train_detector
 
+    from dede_rt.scoring import kind_class
+
     norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size)
-    if score not in ("reference", "relative"):
-        raise UserError(f"--score is reference or relative, got {score!r}")
-    fprs = tuple(sorted({fpr, 0.01, 0.05}))
+    score = "summed" if score == "reference" else score  # the first round's name for the summed error
+    kind_class(score)
     detector = train_detector(
-        encoder, data, out, norm,
-        {"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth, "decoder_depth": decoder_depth},
-        TrainConfig(epochs, batch_size, lr, weight_decay, mask_ratio, seed, optimizer, grad_clip, high_norm_share,
-                    train_precision),
-        encoder_format, l2_normalize, calibration, holdout, fprs, fpr, embed_encoder, resume=resume, progress=not quiet,
-        relative_k=relative_k if score == "relative" else 0, prototypes=prototypes)
-    t = detector.extra["training"]
+        encoder, data, out, normalization=norm,
+        decoder_config={"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth,
+                        "decoder_depth": decoder_depth, "qkv_bias": qkv_bias},
+        config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           mask_ratio=mask_ratio, seed=seed, optimizer=optimizer, grad_clip=grad_clip,
+                           high_norm_share=high_norm_share, precision=train_precision),
+        encoder_format=encoder_format, l2_normalize=l2_normalize, calibration=calibration, holdout_fraction=holdout,
+        fprs=tuple(sorted({fpr, 0.01, 0.05})), default_fpr=fpr, embed_encoder=embed_encoder, resume=resume,
+        progress=not quiet, relative_k=relative_k if score == "relative" else 0, prototypes=prototypes)
+    t = detector.sections["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
                f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "
                f"(calibrated on {t['calibration_images']} clean images)")
@@ -88,9 +94,10 @@ def train(
 @app.command()
 def info(detector: Path = typer.Argument(..., help="Detector bundle directory.")) -> None:
     """Print a detector bundle's manifest (checks the encoder hash)."""
-    from dede_rt.detector import load_detector
+    from dede_rt.bundle import load_detector, read_manifest
 
-    typer.echo(json.dumps(load_detector(detector).manifest(), indent=2))
+    load_detector(detector)  # the hash and shape checks
+    typer.echo(json.dumps(read_manifest(detector).to_dict(), indent=2))
 
 
 @app.command()
@@ -266,15 +273,17 @@ def calibrate(
     max_images: Optional[int] = typer.Option(5000, help="Use at most this many images of each set (seeded)."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-calibrate thresholds."""
+    """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-choose thresholds."""
+    from dede_rt.bundle import fpr_key
     from dede_rt.calibration.pipeline import calibrate_paths
 
-    results = calibrate_paths(detector, data, triggered, count, seed, _csv(precision), method, max_images,
+    results = calibrate_paths(detector, data, triggered=triggered, count=count, seed=seed,
+                              precisions=_csv(precision), method=method, max_images=max_images,
                               warn=lambda m: typer.echo(m, err=True),
                               **({} if headroom is None else {"headroom": headroom}))
     for name, entry in results.items():
         gate, fpr = entry["gate"], entry["threshold_fpr"]
-        threshold = entry["thresholds"].get(f"{fpr:g}", float("nan"))
+        threshold = entry["thresholds"].get(fpr_key(fpr), float("nan"))
         typer.echo(f"{name}: {'PASSED' if gate['passed'] else 'FAILED'} quality gate ({gate['summary']}); "
                    f"threshold {threshold:.6g} at FPR {fpr:g}; {entry['path']}")
 
@@ -345,6 +354,8 @@ def scan(
     threshold: Optional[float] = typer.Option(None, help="Flag when score > this value (instead of --fpr)."),
     limit: Optional[int] = typer.Option(None, help="Scan at most N inputs (in scan order)."),
     max_pixels: int = typer.Option(89_478_485, help="Reject images declaring more pixels (decompression bombs)."),
+    score_kernel: str = typer.Option("torch", help="torch backend's mask-and-score tail: torch (plain ops), triton "
+                                     "(fused kernel, CUDA) or reference (the fused op in torch)."),
     quiet: bool = typer.Option(False, help="No progress bar or log lines."),
 ) -> None:
     """Scan a dataset and flag images that carry a backdoor trigger (one row per input)."""
@@ -363,7 +374,7 @@ def scan(
         summary = run_scan(source, detector, output, resume=resume, limit=limit, progress=not quiet,
                            on_batch=None if output else echo_flagged, log=log, backend=backend, precision=precision,
                            batch_size=batch_size, workers=workers, pool=pool, fpr=fpr, threshold=threshold,
-                           max_pixels=max_pixels, threads=threads)
+                           max_pixels=max_pixels, threads=threads, score_kernel=score_kernel)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a crash must not exit 1, which means "flagged"

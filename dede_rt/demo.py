@@ -123,8 +123,8 @@ def run_demo(out: str | Path = "demo-output", fast: bool = False) -> dict:
     detector = train_detector(
         victim_path, data.images[train_idx], out / "detector", norm, DEMO_DECODER,
         TrainConfig(epochs=settings.decoder_epochs), calibration=data.images[cal_idx])
-    _say(f"  {detector.extra['training']['epochs_run']} epochs in {detector.extra['training']['train_seconds']:.0f} s "
-         f"(embeddings computed once in {detector.extra['training']['embed_seconds']:.1f} s)")
+    _say(f"  {detector.sections['training']['epochs_run']} epochs in {detector.sections['training']['train_seconds']:.0f} s "
+         f"(embeddings computed once in {detector.sections['training']['embed_seconds']:.1f} s)")
 
     _say("[4/4] scan: clean + triggered test images written as PNG files")
     test_clean = data.images[test_idx]

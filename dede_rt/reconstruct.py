@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dede_rt.detector import Detector
+from dede_rt.bundle import Detector
 from dede_rt.models.decoder import unpatchify
 
 

@@ -30,7 +30,7 @@ from dede_rt.models.encoders import VictimEncoder, load_encoder
 from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
 
 if TYPE_CHECKING:
-    from dede_rt.detector import Detector
+    from dede_rt.bundle import Detector
 
 
 TRAIN_PRECISIONS = ("fp32", "bf16")
@@ -302,7 +302,7 @@ def split_holdout(n: int, fraction: float, seed: int, minimum: int = 1) -> tuple
 
 
 def train_detector(
-    encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None,
+    encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None, *,
     normalization: Normalization | None = None, decoder_config: dict | None = None,
     config: TrainConfig | None = None, encoder_format: str = "auto", l2_normalize: bool = False,
     calibration: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
@@ -310,13 +310,13 @@ def train_detector(
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
     relative_k: int = 0, prototypes: int = PROTOTYPES,
 ) -> "Detector":
-    """Train a detector end to end: embed once, train the decoder, calibrate thresholds on clean held-out data, save.
+    """Train a detector end to end: embed once, train the decoder, choose thresholds on clean held-out data, save.
 
     ``relative_k`` > 0: the detector uses the relative score against ``prototypes`` of its training embeddings.
     """
+    from dede_rt.bundle import Detector
+    from dede_rt.bundle.thresholds import thresholds_by_fpr
     from dede_rt.data.sources import load_images
-    from dede_rt.detector import Detector
-    from dede_rt.thresholds import calibrate
 
     normalization = normalization or Normalization()
     config = config or TrainConfig()
@@ -349,10 +349,9 @@ def train_detector(
     if relative_k:  # clean training embeddings, never the calibration images the threshold is set on
         proto = np.asarray(embeddings[prototype_indices(len(train_images), prototypes, config.seed)], np.float32)
     detector = Detector(
-        encoder, result.decoder, normalization, info, np.zeros(0, np.float32),
-        train_mask_ratio=config.mask_ratio,
-        extra={"default_fpr": default_fpr,
-               "training": {**config.to_dict(), "images": int(len(train_images)),
+        encoder=encoder, decoder=result.decoder, normalization=normalization, encoder_info=info,
+        train_mask_ratio=config.mask_ratio, default_fpr=default_fpr,
+        sections={"training": {**config.to_dict(), "images": int(len(train_images)),
                             "calibration_images": int(len(hold_images)), "final_loss": result.losses[-1],
                             "epochs_run": len(result.losses), "embed_seconds": round(result.embed_seconds, 3),
                             "train_seconds": round(result.train_seconds, 3),
@@ -360,7 +359,7 @@ def train_detector(
         prototype_embeddings=proto, relative_k=relative_k)
     # Scored by the detector itself, so the calibrated score is the one it will serve (prototypes decoded once).
     detector.calibration_scores = detector.score(hold_images, progress=progress)
-    detector.thresholds = calibrate(detector.calibration_scores, fprs)
+    detector.thresholds = thresholds_by_fpr(detector.calibration_scores, fprs)
     if out is not None:
         detector.save(out, embed_encoder=embed_encoder)
     return detector

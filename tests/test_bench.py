@@ -14,7 +14,7 @@ import torch
 from dede_rt.bench import markdown_table, prepare_bundle, run_benchmark, write_reports
 from dede_rt.engines.registry import choose_runner
 from dede_rt.export import export_detector
-from dede_rt.export.bundle import deployment
+from bundle_helpers import deployment
 
 FIELDS = {"backend", "precision", "batch", "throughput", "latency_mean_ms", "latency_median_ms", "latency_p90_ms",
           "latency_p95_ms", "latency_p99_ms", "host_walltime_s", "speedup_vs_baseline", "spearman_vs_torch"}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.engines.torch_runner import TorchRunner
 from dede_rt.errors import IntegrityError, UserError
 from dede_rt.models.encoders import save_badencoder_checkpoint

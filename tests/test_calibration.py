@@ -13,10 +13,10 @@ from dede_rt.calibration.gate import GateTolerance, quality_gate
 from dede_rt.calibration.pipeline import calibrate_detector
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.data.triggers import white_square
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.engines.registry import choose_runner, make_runner
 from dede_rt.export import export_detector
-from dede_rt.export.bundle import deployment
+from bundle_helpers import deployment
 
 
 def test_split_is_seeded_disjoint_and_stratified() -> None:
@@ -101,8 +101,9 @@ def test_auto_uses_passing_precisions_only(calibrated: tuple[Path, dict], demo_i
 def test_runner_carries_its_precision_thresholds(calibrated: tuple[Path, dict]) -> None:
     bundle, results = calibrated
     runner = make_runner(bundle, "onnxruntime", "fp16")
-    assert runner.thresholds == results["fp16"]["thresholds"]
-    assert make_runner(bundle, "torch").thresholds == deployment(bundle)["precisions"]["fp32"]["thresholds"]
+    assert runner.thresholds.by_fpr == results["fp16"]["thresholds"] and runner.thresholds.precision == "fp16"
+    fp32 = make_runner(bundle, "torch").thresholds
+    assert fp32.by_fpr == deployment(bundle)["precisions"]["fp32"]["thresholds"] and fp32.clean_scores.size
 
 
 def test_scan_flags_with_the_scoring_precisions_thresholds(calibrated: tuple[Path, dict], demo_images) -> None:
@@ -115,7 +116,7 @@ def test_scan_flags_with_the_scoring_precisions_thresholds(calibrated: tuple[Pat
         assert scanner.calibration_fpr is None  # FP32 calibration scores say nothing about FP16's
     with Scanner(bundle, backend="torch") as scanner:
         assert scanner.threshold == load_detector(bundle).threshold(0.01)
-    with pytest.raises(UserError, match="no fp16 threshold calibrated at FPR 0.02"):
+    with pytest.raises(UserError, match="no fp16 threshold at FPR 0.02"):
         Scanner(bundle, backend="onnxruntime", precision="fp16", fpr=0.02, workers=0, pool="inline")
 
 

@@ -56,7 +56,7 @@ def test_bad_option_values(tmp_path, encoder_file):
                    "--train-precision", "fp8")
     assert_one_line_error(proc, "unknown training precision 'fp8'")
     proc = run_cli("train", "--encoder", encoder_file, "--data", tmp_path, "--out", tmp_path / "o", "--score", "best")
-    assert_one_line_error(proc, "--score is reference or relative")
+    assert_one_line_error(proc, "unknown score kind")
 
 
 def test_wrong_embedding_dimension(edited_bundle):
@@ -78,15 +78,15 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
     assert "detector written" in proc.stdout
     info = json.loads(run_cli("info", out).stdout)
     assert info["training"]["images"] == 90 and info["training"]["calibration_images"] == 30
-    assert info["mask"]["score_kind"] == "reference"
+    assert info["score"]["kind"] == "summed" and info["decoder"]["qkv_bias"] is False
     # the relative score: prototypes from the 90 training images; the exported graph computes it too
     rel = tmp_path / "det_rel"
     proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", rel, "--epochs", 1, "--dim", 32,
                    "--heads", 2, "--encoder-depth", 1, "--decoder-depth", 1, "--holdout", 0.25, "--quiet",
                    "--score", "relative", "--relative-k", 8, "--prototypes", 64)
     assert proc.returncode == 0, proc.stderr
-    mask = json.loads(run_cli("info", rel).stdout)["mask"]
-    assert mask["score_kind"] == "relative" and mask["relative_k"] == 8 and mask["prototypes"] == 64
+    score = json.loads(run_cli("info", rel).stdout)["score"]
+    assert score["kind"] == "relative" and score["relative_k"] == 8 and score["prototypes"] == 64
     proc = run_cli("export", rel)
     assert proc.returncode == 0, proc.stderr
     assert (rel / "onnx" / "detector.onnx").is_file()

@@ -3,7 +3,7 @@
 import json
 
 from dede_rt.demo import run_demo
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.models.encoders import load_encoder
 from dede_rt.scan import read_rows
 

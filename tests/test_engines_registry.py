@@ -11,7 +11,7 @@ import pytest
 
 from dede_rt.engines.registry import choose_runner, describe_choice, make_runner
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, update_deployment
+from bundle_helpers import deployment, set_entry
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_auto_prefers_measured_fastest_and_skips_failed_gates(bundle: Path) -> N
     if not (bundle / "onnx" / "detector.onnx").is_file():
         pytest.skip("needs the lazy export of the previous test")
     # a failed int8 gate must never be picked, even when it is "faster"
-    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
+    set_entry(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
     kind = device_kind()
-    update_deployment(bundle, "benchmarks", None, {
+    set_entry(bundle, "benchmarks", None, {
         "torch:fp32": {"throughput": 900.0, "device": kind},
         "onnxruntime:fp32": {"throughput": 100.0, "device": kind},
         "onnxruntime:int8": {"throughput": 5000.0, "device": kind}})
@@ -69,15 +69,15 @@ def test_auto_prefers_measured_fastest_and_skips_failed_gates(bundle: Path) -> N
     assert (choice.backend, choice.precision) == ("torch", "fp32"), choice
     assert "fastest measured" in choice.reason
     # a passed clean-only gate cannot see TPR: auto still skips int8 ...
-    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
+    set_entry(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
                                                      "gate": {"passed": True, "mode": "clean-rank"}})
     assert choose_runner(bundle).precision == "fp32"
     # ... until a labelled gate passed
-    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
+    set_entry(bundle, "precisions", "int8", {"path": "onnx/detector.onnx",
                                                      "gate": {"passed": True, "mode": "labelled"}})
     assert (choose_runner(bundle).backend, choose_runner(bundle).precision) == ("onnxruntime", "int8")
-    update_deployment(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
-    update_deployment(bundle, "benchmarks", None, {})
+    set_entry(bundle, "precisions", "int8", {"path": "onnx/detector.onnx", "gate": {"passed": False}})
+    set_entry(bundle, "benchmarks", None, {})
     assert choose_runner(bundle).backend == "onnxruntime"  # static preference without measurements
     assert "int8" in deployment(bundle)["precisions"]
 
@@ -89,7 +89,7 @@ def test_tensorrt_entries_need_tensorrt_and_a_gpu(bundle: Path) -> None:
         pytest.skip("TensorRT and a GPU are present")
     (bundle / "trt").mkdir(exist_ok=True)
     (bundle / "trt" / "detector_fp16.engine").write_bytes(b"not an engine")
-    update_deployment(bundle, "tensorrt", "fp16", {"path": "trt/detector_fp16.engine", "gate": {"passed": True},
+    set_entry(bundle, "tensorrt", "fp16", {"path": "trt/detector_fp16.engine", "gate": {"passed": True},
                                                    "manifest": {"tensorrt": "10.0.0", "gpu": "x", "compute_capability": "9.0"}})
     assert choose_runner(bundle).backend != "tensorrt"
     with pytest.raises(UserError, match="pip install"):
@@ -118,7 +118,7 @@ def test_reexport_after_a_change_voids_derived_variants(bundle: Path, tmp_path: 
     copy = tmp_path / "det"
     shutil.copytree(bundle, copy)
     (copy / "onnx" / "detector_int8.onnx").write_bytes(b"old")
-    update_deployment(copy, "precisions", "int8", {"path": "onnx/detector_int8.onnx", "gate": {"passed": True}})
+    set_entry(copy, "precisions", "int8", {"path": "onnx/detector_int8.onnx", "gate": {"passed": True}})
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["mask"]["test_ratio"] = 0.5
     (copy / "manifest.json").write_text(json.dumps(manifest))

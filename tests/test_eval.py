@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_images):
-    from dede_rt.detector import load_detector
+    from dede_rt.bundle import load_detector
     from dede_rt.training import compute_embeddings
 
     det = load_detector(tiny_detector_dir)

@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 
-from dede_rt.detector import Detector, load_detector
+from dede_rt.bundle import Detector, load_detector
 from dede_rt.engines.comparator import compare_runners, compare_scores
 from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
 from dede_rt.engines.torch_runner import TorchRunner
 from dede_rt.export import export_detector
-from dede_rt.export.bundle import deployment
+from bundle_helpers import deployment
 
 
 def _session(path: Path):
@@ -83,15 +83,15 @@ def test_nchw_and_split_graphs_agree_with_fused(exported: Path, demo_images) -> 
 
 def test_visible_patches_are_a_constant_mask(tiny_detector_dir: Path, tmp_path: Path, demo_images) -> None:
     """At a test mask ratio that keeps patches visible, the seeded shared mask is baked in and still matches."""
-    from dede_rt.export.graphs import FusedDetector
     from dede_rt.export.onnx_export import _export_module
+    from dede_rt.scoring import Scorer
 
     det = load_detector(tiny_detector_dir)
     det.test_mask_ratio = 0.75  # keeps 16 of 64 patches
     images = demo_images.images[:24]
     ref = det.score(images)
-    module = FusedDetector(det.encoder, det.decoder, det.normalization, 0.75, det.mask_seed)
-    assert module.score.keep == 16
+    module = Scorer.from_detector(det, exact=False)
+    assert module.visible_patches == 16
     with torch.no_grad():
         np.testing.assert_allclose(module(torch.from_numpy(images)).numpy(), ref, rtol=1e-5)
     path = tmp_path / "fixed_mask.onnx"
@@ -114,7 +114,8 @@ def test_onnx_encoder_is_spliced_not_reexported(tmp_path: Path, demo_images) -> 
                       dynamic_axes={"pixels": {0: "n"}, "feat": {0: "n"}})
     encoder, info = load_encoder(enc_path, "onnx", 32)
     decoder = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], dim=32, heads=2, encoder_depth=1, decoder_depth=1))
-    det = Detector(encoder, decoder, Normalization(), info, np.linspace(0, 1, 100, dtype=np.float32), {"0.01": 1.0})
+    det = Detector(encoder=encoder, decoder=decoder, normalization=Normalization(), encoder_info=info,
+                   calibration_scores=np.linspace(0, 1, 100, dtype=np.float32), thresholds={"0.01": 1.0})
     bundle = det.save(tmp_path / "det")
     record = export_detector(bundle, exporter="torchscript", graphs=("detector",))
     assert record["graphs"]["detector"]["exporter"] == "onnx.compose splice"

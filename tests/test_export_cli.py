@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dede_rt.cli import app
 from dede_rt.data.triggers import white_square
-from dede_rt.export.bundle import deployment
+from bundle_helpers import deployment
 
 
 def test_export_then_calibrate(tiny_detector_dir: Path, tmp_path: Path, demo_images) -> None:

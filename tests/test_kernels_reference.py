@@ -7,12 +7,19 @@ import pytest
 import torch
 
 from dede_rt.data.transforms import Normalization
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.engines.torch_runner import TorchRunner
 from dede_rt.kernels import reference as ref
-from dede_rt.kernels.fused import fused_score_batch
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
-from dede_rt.scoring import masked_sse, score_batch
+from dede_rt.scoring import Scorer, masked_sse
+
+
+def score_batch(encoder, decoder, normalization, images, mask_ratio=0.99, mask_seed=0, kernel="torch"):
+    """The plain-op (or ``kernel``-fused) score of one batch through the one ``Scorer``."""
+    scorer = Scorer(encoder=encoder, decoder=decoder, normalization=normalization, mask_ratio=mask_ratio,
+                    mask_seed=mask_seed, kernel=kernel)
+    with torch.no_grad():
+        return scorer(torch.as_tensor(images))
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +87,11 @@ def test_head_fused_with_mask_matches_masked_sse(rng):
 
 
 @pytest.mark.parametrize("mask_ratio", [0.99, 0.5])
-def test_fused_score_batch_and_runner_hook(tiny_detector_dir, detector, demo_images, mask_ratio):
+def test_fused_scorer_and_runner_hook(tiny_detector_dir, detector, demo_images, mask_ratio):
     images = demo_images.images[40:50]
     n = detector.normalization
     expected = score_batch(detector.encoder, detector.decoder, n, images, mask_ratio, 3)
-    got = fused_score_batch(detector.encoder, detector.decoder, n, images, mask_ratio, 3, kernel="reference")
+    got = score_batch(detector.encoder, detector.decoder, n, images, mask_ratio, 3, kernel="reference")
     assert _rel_err(expected, got) <= 1e-5
     if mask_ratio == 0.99:
         with TorchRunner(tiny_detector_dir, score_kernel="reference") as runner:
@@ -103,10 +110,11 @@ def test_shape_errors():
         ref.mask_and_score(images, torch.zeros(2, 64, 48), torch.ones(3, 64, dtype=torch.bool), (0, 0, 0), (1, 1, 1), 4)
     with pytest.raises(ValueError, match="head_weight"):
         ref.mask_and_score_head(images, torch.zeros(2, 64, 8), torch.zeros(48, 9), None, None, (0, 0, 0), (1, 1, 1), 4)
-    with pytest.raises(ValueError, match="unknown score kernel"):
-        from dede_rt.kernels.fused import _ops
+    from dede_rt.errors import UserError
+    from dede_rt.scoring import kernel_ops
 
-        _ops("cuda-magic")
+    with pytest.raises(UserError, match="unknown score kernel"):
+        kernel_ops("cuda-magic")
 
 
 def test_runner_rejects_unknown_score_kernel(tiny_detector_dir):

@@ -132,7 +132,7 @@ def test_head_without_bias_and_errors():
 
 
 def test_triton_scores_match_detector(tiny_detector_dir, demo_images):
-    from dede_rt.detector import load_detector
+    from dede_rt.bundle import load_detector
     from dede_rt.engines.torch_runner import TorchRunner
 
     det = load_detector(tiny_detector_dir)

@@ -6,7 +6,7 @@ import sys
 
 def test_imports_never_pull_gpu_packages():
     code = ("import sys, dede_rt; assert 'torch' not in sys.modules; "
-            "import dede_rt.detector, dede_rt.engines.registry, dede_rt.scan.pipeline, dede_rt.kernels, dede_rt.cli; "
+            "import dede_rt.bundle, dede_rt.engines.registry, dede_rt.scan.pipeline, dede_rt.kernels, dede_rt.cli; "
             "heavy = [m for m in ('tensorrt', 'triton', 'pycuda', 'cuda', 'modelopt') if m in sys.modules]; "
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

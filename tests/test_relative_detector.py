@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import TINY_DECODER
-from dede_rt.detector import PROTOTYPES_FILE, load_detector
+from dede_rt.bundle import load_detector
+from dede_rt.bundle.manifest import PROTOTYPES_FILE
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import patchify_images
-from dede_rt.scoring import prototype_reconstructions, score_images
+from dede_rt.scoring import Scorer, prototype_reconstructions
 from dede_rt.training import TrainConfig, train_detector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,10 +31,10 @@ def relative_bundle(tmp_path_factory, encoder_file, demo_images):
 def test_relative_detector_scores_own_error_minus_nearest_prototypes(relative_bundle, demo_images):
     det = load_detector(relative_bundle)
     manifest = json.loads((relative_bundle / "manifest.json").read_text())
-    assert manifest["mask"]["score_kind"] == "relative" and manifest["mask"]["relative_k"] == 4
+    assert manifest["score"]["kind"] == "relative" and manifest["score"]["relative_k"] == 4
     assert det.prototype_embeddings.shape == (32, det.decoder.config.embed_dim)
     images = demo_images.images[300:330]
-    own = score_images(det.encoder, det.decoder, det.normalization, images)  # the reference score
+    own = _summed(det, images)  # the reference score
     target = patchify_images(det.normalization.apply(images), det.decoder.config.patch_size).flatten(1)
     protos = prototype_reconstructions(det.decoder, det.prototype_embeddings).flatten(1)
     nearest = np.sort(torch.cdist(target, protos).square().numpy(), axis=1)[:, :4].mean(1)
@@ -68,7 +69,7 @@ def test_relative_detector_checks_its_prototypes(relative_bundle, tmp_path):
     with pytest.raises(UserError, match="without its prototypes.npy"):
         load_detector(broken)
     manifest = json.loads((relative_bundle / "manifest.json").read_text())
-    manifest["mask"]["relative_k"] = 0  # a hand-edited manifest: k outside [1, K]
+    manifest["score"]["relative_k"] = 0  # a hand-edited manifest: k outside [1, K]
     shutil.copy(relative_bundle / PROTOTYPES_FILE, broken / PROTOTYPES_FILE)
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="averages k of 32 prototypes; got k = 0"):
@@ -99,7 +100,7 @@ def test_relative_detector_exports_to_onnx_with_the_prototype_term(relative_bund
     images = demo_images.images[300:340]
     with OnnxRuntimeRunner(bundle / "onnx" / "detector.onnx", 32) as runner:
         got = runner.infer(images)
-    own = score_images(det.encoder, det.decoder, det.normalization, images)
+    own = _summed(det, images)
     assert _near(got, det.score(images), own, 1e-5)
     from dede_rt.scan.pipeline import scan
 
@@ -132,7 +133,7 @@ def test_relative_detector_int8_and_fp16_keep_the_prototype_term_in_float(relati
     det = load_detector(bundle)
     images = demo_images.images[600:640]
     ref = det.score(images)
-    own = score_images(det.encoder, det.decoder, det.normalization, images)
+    own = _summed(det, images)
     fp32 = onnx.load(str(bundle / "onnx" / "detector.onnx"))
     _, ends = score_tail(fp32)
     assert set(ends) <= set(results["int8"]["conversion"]["excluded_nodes"]) and len(ends) == 2
@@ -155,3 +156,9 @@ def test_relative_k_must_fit_the_prototypes(encoder_file, demo_images, tmp_path)
         train_detector(encoder_file, demo_images.images[:64], tmp_path / "d", decoder_config=TINY_DECODER,
                        config=TrainConfig(epochs=1, batch_size=32), holdout_fraction=0.25, progress=False,
                        relative_k=20, prototypes=16)
+
+
+def _summed(det, images: np.ndarray) -> np.ndarray:
+    """The summed (paper's) score of the same detector: its scorer with the default score kind."""
+    return Scorer(encoder=det.encoder, decoder=det.decoder, normalization=det.normalization,
+                  mask_ratio=det.test_mask_ratio, mask_seed=det.mask_seed).score(images)

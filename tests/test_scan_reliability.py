@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from dede_rt.data.images import decode_image
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.scan.pipeline import Scanner
 from dede_rt.scan.sources import FolderSource
 

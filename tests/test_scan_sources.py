@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.errors import UserError
 from dede_rt.scan.decode import DecodePool
 from dede_rt.scan.output import read_rows, sidecar_paths

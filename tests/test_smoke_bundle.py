@@ -1,6 +1,6 @@
 import numpy as np
 
-from dede_rt.detector import load_detector
+from dede_rt.bundle import load_detector
 from dede_rt.engines.torch_runner import TorchRunner
 
 

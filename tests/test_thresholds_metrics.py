@@ -4,7 +4,7 @@ from sklearn.metrics import roc_auc_score
 
 from dede_rt.errors import UserError
 from dede_rt.metrics import detection_report, rates_at_threshold, tpr_at_fpr
-from dede_rt.thresholds import calibrate, threshold_at_fpr
+from dede_rt.bundle.thresholds import threshold_at_fpr, thresholds_by_fpr
 
 
 def test_threshold_hits_target_fpr_on_fresh_clean_data():
@@ -21,7 +21,7 @@ def test_threshold_errors_and_keys():
         threshold_at_fpr(np.array([]), 0.01)
     with pytest.raises(UserError):
         threshold_at_fpr(np.ones(5), 1.5)
-    assert set(calibrate(np.arange(100.0))) == {"0.01", "0.05"}
+    assert set(thresholds_by_fpr(np.arange(100.0))) == {"0.01", "0.05"}
 
 
 def test_detection_report_matches_sklearn_and_rates():

@@ -12,9 +12,10 @@ from dede_rt.calibration.sets import split_calibration
 from dede_rt.engines.comparator import run_batched
 from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, read_manifest, stale_exports, update_deployment
+from dede_rt.bundle import Gate, PrecisionEntry, edit_manifest, fpr_key, read_manifest
+from dede_rt.bundle.thresholds import thresholds_by_fpr
+from dede_rt.engines.loaders import ensure_graph
 from dede_rt.models.encoders import sha256_file
-from dede_rt.thresholds import calibrate
 
 LOWER_PRECISIONS = ("int8", "fp16")
 MIN_HELDOUT = 100
@@ -41,31 +42,26 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
     if unknown:
         raise UserError(f"unknown precision(s) {sorted(unknown)}; calibrate makes {', '.join(LOWER_PRECISIONS)}")
     manifest = read_manifest(bundle)
-    size = int(manifest["normalization"]["image_size"])
+    size = manifest.image_size
     if clean.ndim != 4 or clean.shape[1:] != (size, size, 3):
         raise UserError(f"calibration images must be [N, {size}, {size}, 3], got {list(clean.shape)}")
-    fp32_entry = deployment(bundle).get("precisions", {}).get("fp32")
-    if fp32_entry is None or not (bundle / fp32_entry["path"]).is_file() or stale_exports(bundle):
-        from dede_rt.export import export_detector
-
-        export_detector(bundle, graphs=("detector",))
-        fp32_entry = deployment(bundle)["precisions"]["fp32"]
-    fp32_path = bundle / fp32_entry["path"]
+    fp32_path = ensure_graph(bundle, "detector")
     calib_idx, held_idx = split_calibration(len(clean), count, seed, labels)
     if len(held_idx) < MIN_HELDOUT:
         warn(f"warning: only {len(held_idx)} held-out clean images for the gate and thresholds; "
              f"give more than {count + MIN_HELDOUT} clean images")
     held = clean[held_idx]
-    fprs = sorted(float(f) for f in manifest["thresholds"]["by_fpr"]) or [0.01]
-    default_fpr = float(manifest["thresholds"].get("default_fpr", fprs[0]))
-    key = f"{default_fpr:g}"
+    fprs = tuple(sorted(float(f) for f in manifest.thresholds.by_fpr)) or (0.01,)
+    default_fpr = manifest.thresholds.default_fpr
+    key = fpr_key(default_fpr)
     ref_clean = _scores(fp32_path, size, "fp32", held)
-    ref_thresholds = calibrate(ref_clean, tuple(fprs))
+    ref_thresholds = thresholds_by_fpr(ref_clean, fprs)
     val_labels = ref_val = None
     if triggered is not None and len(triggered):
         val_labels = np.r_[np.zeros(len(held), int), np.ones(len(triggered), int)]
         ref_val = np.r_[ref_clean, _scores(fp32_path, size, "fp32", triggered)]
-    update_deployment(bundle, "precisions", "fp32", {**fp32_entry, "thresholds_heldout": ref_thresholds})
+    with edit_manifest(bundle) as m:
+        m.deployment.precisions["fp32"].details["thresholds_heldout"] = ref_thresholds
     results = {}
     for precision in precisions:
         out_path = bundle / "onnx" / f"detector_{precision}.onnx"
@@ -76,16 +72,17 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
         else:
             conversion = convert_fp16(fp32_path, out_path)
         got_clean = _scores(out_path, size, precision, held)
-        thresholds = calibrate(got_clean, tuple(fprs))
+        thresholds = thresholds_by_fpr(got_clean, fprs)
         got_val = None
         if val_labels is not None:
             got_val = np.r_[got_clean, _scores(out_path, size, precision, triggered)]
         gate = quality_gate(ref_clean, got_clean, ref_thresholds[key], thresholds[key], val_labels, ref_val, got_val, tol)
-        entry = {"path": f"onnx/{out_path.name}", "sha256": sha256_file(out_path), "conversion": conversion,
-                 "gate": gate, "thresholds": thresholds, "threshold_fpr": default_fpr,
-                 "heldout_images": int(len(held_idx))}
-        update_deployment(bundle, "precisions", precision, entry)
-        results[precision] = entry
+        entry = PrecisionEntry(f"onnx/{out_path.name}", Gate.from_dict(gate), thresholds,
+                               {"sha256": sha256_file(out_path), "conversion": conversion,
+                                "threshold_fpr": default_fpr, "heldout_images": int(len(held_idx))})
+        with edit_manifest(bundle) as m:
+            m.deployment.precisions[precision] = entry
+        results[precision] = entry.to_dict()
     return results
 
 
@@ -96,7 +93,7 @@ def calibrate_paths(bundle: str | Path, data: str | Path, triggered: str | Path 
     """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
     from dede_rt.calibration.sets import load_clean_images
 
-    size = int(read_manifest(bundle)["normalization"]["image_size"])
+    size = read_manifest(bundle).image_size
     clean = load_clean_images(data, size, max_images, seed)
     trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
     return calibrate_detector(bundle, clean.images, clean.labels, trig, count, seed, precisions, method, tol, warn,

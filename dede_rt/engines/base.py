@@ -11,16 +11,20 @@ from dede_rt.errors import UserError
 
 
 class BaseRunner(ABC):
-    """Context manager with ``infer(uint8 NHWC batch) -> float32 scores [N]``; records its last inference time."""
+    """Context manager with ``infer(uint8 NHWC batch) -> float32 scores [N]``; records its last inference time.
+
+    Every runner declares what it runs: ``backend`` (class), ``precision`` and ``device`` (constructor).
+    """
 
     backend: str = "base"
 
-    def __init__(self, image_size: int, name: str | None = None) -> None:
+    def __init__(self, image_size: int, *, precision: str = "fp32", device: str = "cpu", name: str | None = None) -> None:
         self.image_size = image_size
-        self.name = name or self.backend
+        self.precision = precision
+        self.device = device
+        self.name = name or f"{self.backend}-{precision}"
         self.is_active = False
         self.last_inference_time: float | None = None
-        self.precision = "fp32"
 
     def activate(self) -> None:
         """Build or load the model; idempotent."""

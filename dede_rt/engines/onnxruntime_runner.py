@@ -43,9 +43,8 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def __init__(self, model_path: str | Path, image_size: int, precision: str = "fp32",
                  providers: list[str] | None = None, threads: int = 0) -> None:
-        super().__init__(image_size, f"onnxruntime-{precision}")
+        super().__init__(image_size, precision=precision, device="cpu")
         self.model_path = Path(model_path)
-        self.precision = precision
         self.providers = providers
         self.threads = threads
         self.session = None
@@ -66,6 +65,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self._input = inp.name
         self._output = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
+        self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
 
     def infer_impl(self, images_u8: np.ndarray) -> np.ndarray:
         return self.session.run([self._output], {self._input: images_u8})[0]

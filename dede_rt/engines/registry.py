@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from dede_rt.bundle.manifest import DeploymentRecord, read_clean_scores, read_manifest, stale_exports
+from dede_rt.bundle.thresholds import Thresholds
 from dede_rt.engines.base import BaseRunner
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, stale_exports
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -68,36 +71,34 @@ def _tensorrt_usable() -> tuple[bool, str]:
     return tensorrt_status()
 
 
-def _candidates(bundle: Path, dep: dict) -> list[RunnerChoice]:
+def _candidates(bundle: Path, dep: DeploymentRecord) -> list[RunnerChoice]:
     """Every variant that could serve this bundle here, with the reason it qualifies."""
     cuda = cuda_available()
     out = [RunnerChoice("torch", "fp32", "cuda" if cuda else "cpu", None, "reference PyTorch modules")]
     ort_device = "cuda" if _ort_has_gpu() else "cpu"
-    for precision, entry in dep.get("precisions", {}).items():
-        path = bundle / entry.get("path", "")
-        gate = entry.get("gate", {})
-        if precision != "fp32" and not gate.get("passed", False):
+    for precision, entry in dep.precisions.items():
+        path = bundle / entry.path
+        if precision != "fp32" and not entry.gate.passed:
             continue
         # A clean-only gate sees score ranks, not detection: on the demo victim INT8 kept
         # Spearman 0.99 yet lost a third of its TPR at the threshold. auto takes INT8 only
         # after a labelled gate (calibrate --triggered); it stays available explicitly.
-        if precision == "int8" and gate.get("mode") != "labelled":
+        if precision == "int8" and entry.gate.mode != "labelled":
             continue
-        if path.is_file():
-            summary = gate.get("summary")
+        if entry.path and path.is_file():
+            summary = entry.gate.summary
             why = "reference export" if precision == "fp32" else \
                 "passed its quality gate" + (f" ({summary})" if summary else "")
             out.append(RunnerChoice("onnxruntime", precision, ort_device, str(path), why))
-    engines = dep.get("tensorrt", {})
-    if engines and cuda:
+    if dep.tensorrt and cuda:
         ok, _ = _tensorrt_usable()
         if ok:
             from dede_rt.engines.tensorrt_runner import engine_compatible
 
-            for precision, entry in engines.items():
-                path = bundle / entry.get("path", "")
-                if path.is_file() and entry.get("gate", {}).get("passed", precision == "fp32") \
-                        and engine_compatible(entry.get("manifest", {}))[0]:
+            for precision, entry in dep.tensorrt.items():
+                path = bundle / entry.path
+                passed = entry.gate.passed or (precision == "fp32" and entry.gate.mode == "unknown")
+                if entry.path and path.is_file() and passed and engine_compatible(entry.engine_manifest)[0]:
                     out.append(RunnerChoice("tensorrt", precision, "cuda", str(path), "engine built for this GPU"))
     return out
 
@@ -120,7 +121,7 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    dep = deployment(bundle)
+    dep = read_manifest(bundle).deployment
     stale = stale_exports(bundle)
     if backend == "torch":
         if precision not in (None, "fp32"):
@@ -131,26 +132,26 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
         raise UserError(f"{bundle}: {stale}")
     if backend == "onnxruntime":
         precision = precision or "fp32"
-        entry = dep.get("precisions", {}).get(precision)
+        entry = dep.precisions.get(precision)
         if precision != "fp32" and entry is None:
             raise UserError(f"{bundle}: no {precision} ONNX model; run `dede-rt calibrate {bundle}` first")
-        path = bundle / entry["path"] if entry else bundle / "onnx" / "detector.onnx"
-        note = "" if precision == "fp32" or entry.get("gate", {}).get("passed") else " (WARNING: failed its quality gate)"
+        path = bundle / entry.path if entry else bundle / "onnx" / "detector.onnx"
+        note = "" if precision == "fp32" or entry.gate.passed else " (WARNING: failed its quality gate)"
         return RunnerChoice("onnxruntime", precision, "cuda" if _ort_has_gpu() else "cpu", str(path), "requested" + note)
     if backend == "tensorrt":
         ok, why = _tensorrt_usable()
         if not ok:
             raise UserError(why)
         precision = precision or "fp16"
-        entry = dep.get("tensorrt", {}).get(precision)
+        entry = dep.tensorrt.get(precision)
         if entry is None:
             raise UserError(f"{bundle}: no {precision} TensorRT engine; run `dede-rt build-engine {bundle} --precision {precision}`")
-        return RunnerChoice("tensorrt", precision, "cuda", str(bundle / entry["path"]), "requested")
+        return RunnerChoice("tensorrt", precision, "cuda", str(bundle / entry.path), "requested")
     # auto: stale exports are never used (torch still serves the bundle)
-    candidates = [c for c in _candidates(bundle, {} if stale else dep) if precision in (None, c.precision)]
+    candidates = [c for c in _candidates(bundle, DeploymentRecord() if stale else dep) if precision in (None, c.precision)]
     if not candidates:
         raise UserError(f"{bundle}: no usable {precision} variant; run `dede-rt calibrate` (or pick --precision fp32)")
-    measured = dep.get("benchmarks", {})
+    measured = dep.benchmarks
     kind = device_kind()
 
     def throughput(c: RunnerChoice) -> float | None:
@@ -167,56 +168,99 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
                         f"auto: preferred of {len(candidates)} usable variant(s); {best.reason}")
 
 
-def make_runner(bundle: str | Path, backend: str = "auto", precision: str | None = None,
-                batch_size: int | None = None, device: str | None = None, threads: int = 0) -> BaseRunner:
-    """A (not yet activated) runner for ``bundle``; ``runner.choice`` records what was picked and why."""
+@dataclass
+class Deployment:
+    """What serves a bundle here: the choice and why, its (not yet activated) runner, and its thresholds.
+
+    A context manager like the runner it holds: ``with make_runner(bundle) as d: d.infer(batch)``.
+    """
+
+    choice: RunnerChoice
+    runner: BaseRunner
+    thresholds: Thresholds
+    batch_size_hint: int | None = None
+
+    @property
+    def backend(self) -> str:
+        """The backend that scores."""
+        return self.choice.backend
+
+    @property
+    def precision(self) -> str:
+        """The precision that scores (declared by the runner)."""
+        return self.runner.precision
+
+    @property
+    def device(self) -> str:
+        """Where it scores ('cpu', 'cuda')."""
+        return self.runner.device
+
+    @property
+    def image_size(self) -> int:
+        """The square input size the runner takes."""
+        return self.runner.image_size
+
+    def describe(self) -> str:
+        """One line: backend, precision, device, why."""
+        return self.choice.describe()
+
+    def infer(self, images_u8: np.ndarray) -> np.ndarray:
+        """Scores for one uint8 NHWC batch (the runner must be active)."""
+        return self.runner.infer(images_u8)
+
+    def activate(self) -> None:
+        """Activate the runner (load the model)."""
+        self.runner.activate()
+
+    def deactivate(self) -> None:
+        """Release the runner."""
+        self.runner.deactivate()
+
+    def __enter__(self) -> Deployment:
+        self.runner.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runner.deactivate()
+
+
+def make_runner(bundle: str | Path, backend: str = "auto", precision: str | None = None, *,
+                batch_size: int | None = None, device: str | None = None, threads: int = 0,
+                score_kernel: str = "torch") -> Deployment:
+    """Choose and build (not activate) what serves ``bundle``: ``Deployment`` with runner, choice and thresholds.
+
+    ``score_kernel`` ("torch", "reference", "triton") is the torch backend's mask-and-score tail; asking for a
+    fused kernel picks the torch backend under ``auto``.
+    """
     bundle = Path(bundle)
+    if score_kernel != "torch" and backend == "auto":
+        backend = "torch"
+    if score_kernel != "torch" and backend != "torch":
+        raise UserError(f"--score-kernel {score_kernel} runs on the torch backend; TensorRT engines carry their "
+                        "fused tail from `dede-rt build-engine --score-tail plugin`")
     choice = choose_runner(bundle, backend, precision, device)
+    manifest = read_manifest(bundle)
     if choice.backend == "torch":
         from dede_rt.engines.torch_runner import TorchRunner
 
-        runner: BaseRunner = TorchRunner(bundle, choice.device)
+        runner: BaseRunner = TorchRunner(bundle, choice.device, score_kernel)
+    elif choice.backend == "onnxruntime":
+        from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+
+        path = Path(choice.model_path)
+        if choice.precision == "fp32":
+            from dede_rt.engines.loaders import ensure_graph
+
+            path = ensure_graph(bundle, "detector")  # lazily build what was asked for explicitly
+        runner = OnnxRuntimeRunner(path, manifest.image_size, choice.precision, threads=threads)
     else:
-        from dede_rt.export.bundle import read_manifest
+        from dede_rt.engines.tensorrt_runner import TensorRTRunner
 
-        size = int(read_manifest(bundle)["normalization"]["image_size"])
-        if choice.backend == "onnxruntime":
-            from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
-
-            if choice.precision == "fp32" and not Path(choice.model_path).is_file():
-                from dede_rt.export import export_detector
-
-                export_detector(bundle, graphs=("detector",))  # lazily build what was asked for explicitly
-            runner = OnnxRuntimeRunner(choice.model_path, size, choice.precision, threads=threads)
-        else:
-            from dede_rt.engines.tensorrt_runner import TensorRTRunner
-
-            runner = TensorRTRunner(choice.model_path, size, choice.precision, batch_size=batch_size)
-    runner.choice = choice  # type: ignore[attr-defined]
-    runner.batch_size_hint = batch_size  # type: ignore[attr-defined]
-    runner.thresholds = thresholds_for(bundle, choice)  # type: ignore[attr-defined]
-    return runner
+        runner = TensorRTRunner(choice.model_path, manifest.image_size, choice.precision, batch_size=batch_size)
+    thresholds = manifest.thresholds_for(choice.backend, choice.precision, read_clean_scores(bundle))
+    return Deployment(choice, runner, thresholds, batch_size)
 
 
-def thresholds_for(bundle: str | Path, choice: RunnerChoice) -> dict[str, float]:
-    """Flagging thresholds by FPR for the chosen precision: re-calibrated ones for INT8/FP16, else the stored ones."""
-    from dede_rt.export.bundle import read_manifest
-
-    manifest = read_manifest(bundle)
-    dep = manifest.get("deployment", {})
-    section = dep.get("tensorrt", {}) if choice.backend == "tensorrt" else dep.get("precisions", {})
-    entry = section.get(choice.precision, {})
-    if choice.precision != "fp32" and entry.get("thresholds"):
-        return dict(entry["thresholds"])
-    return dict(manifest["thresholds"]["by_fpr"])
-
-
-def describe_choice(bundle_or_runner: str | Path | BaseRunner, backend: str = "auto",
-                    precision: str | None = None) -> str:
-    """One line saying which backend/precision serves the bundle and why."""
-    if isinstance(bundle_or_runner, BaseRunner):
-        choice = getattr(bundle_or_runner, "choice", None)
-        if choice is None:
-            return f"{bundle_or_runner.backend} {bundle_or_runner.precision}"
-        return choice.describe()
-    return choose_runner(bundle_or_runner, backend, precision).describe()
+def describe_choice(bundle: str | Path, backend: str = "auto", precision: str | None = None) -> str:
+    """One line saying which backend/precision would serve the bundle and why."""
+    return choose_runner(bundle, backend, precision).describe()

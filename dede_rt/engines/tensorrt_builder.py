@@ -27,7 +27,8 @@ import numpy as np
 
 from dede_rt.engines.tensorrt_runner import INSTALL_HINT, gpu_identity, tensorrt_status
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import deployment, read_manifest, stale_exports, update_deployment
+from dede_rt.bundle import Gate, PrecisionEntry, edit_manifest, fpr_key, read_manifest
+from dede_rt.engines.loaders import ensure_graph
 from dede_rt.models.encoders import sha256_file
 
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8", "best")
@@ -41,17 +42,6 @@ def require_tensorrt() -> None:
         raise UserError(why)
 
 
-def _nchw_graph(bundle: Path) -> Path:
-    graphs = deployment(bundle).get("onnx", {}).get("graphs", {})
-    if "detector_nchw" not in graphs or not (bundle / graphs["detector_nchw"]["path"]).is_file() \
-            or stale_exports(bundle):
-        from dede_rt.export import export_detector
-
-        export_detector(bundle, graphs=("detector_nchw",))
-        graphs = deployment(bundle)["onnx"]["graphs"]
-    return bundle / graphs["detector_nchw"]["path"]
-
-
 def source_graph(bundle: str | Path, precision: str, clean: np.ndarray | None = None, seed: int = 0,
                  count: int = 256) -> Path:
     """The ONNX graph a ``precision`` engine is built from (made on first use)."""
@@ -59,7 +49,7 @@ def source_graph(bundle: str | Path, precision: str, clean: np.ndarray | None = 
     from dede_rt.calibration.sets import split_calibration
 
     bundle = Path(bundle)
-    base = _nchw_graph(bundle)
+    base = ensure_graph(bundle, "detector_nchw")
     if precision == "fp32":
         return base
     if precision == "fp16":
@@ -126,7 +116,7 @@ def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray 
     import tensorrt as trt
 
     bundle = Path(bundle)
-    size = int(read_manifest(bundle)["normalization"]["image_size"])
+    size = read_manifest(bundle).image_size
     major = int(trt.__version__.split(".")[0])
     graph = source_graph(bundle, "int8" if precision == "best" else precision, clean)
     weakly_typed_best = precision == "best" and major < 11
@@ -177,39 +167,35 @@ def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray 
                 "build_seconds": round(seconds, 1), "timing_cache": str(cache_path.relative_to(bundle)),
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(str(engine_path) + ".json").write_text(json.dumps(manifest, indent=2) + "\n")
-    entry = {"path": str(engine_path.relative_to(bundle)), "manifest": manifest}
+    entry = PrecisionEntry(str(engine_path.relative_to(bundle)),
+                           Gate(precision == "fp32", "not run",
+                                "no clean images given (--data); auto will not use a non-fp32 engine"),
+                           details={"manifest": manifest})
     if clean is not None and len(clean) > 1:
-        entry.update(gate_engine(bundle, engine_path, size, precision, clean))
-    else:
-        entry["gate"] = {"passed": precision == "fp32", "mode": "not run",
-                         "summary": "no clean images given (--data); auto will not use a non-fp32 engine"}
-    update_deployment(bundle, "tensorrt", precision, entry)
-    return entry
+        entry.gate, entry.thresholds = gate_engine(bundle, engine_path, size, precision, clean)
+    with edit_manifest(bundle) as m:
+        m.deployment.tensorrt[precision] = entry
+    return entry.to_dict()
 
 
-def gate_engine(bundle: Path, engine_path: Path, size: int, precision: str, clean: np.ndarray) -> dict:
-    """Clean-rank gate of an engine against ONNX Runtime FP32, plus its re-calibrated thresholds."""
+def gate_engine(bundle: Path, engine_path: Path, size: int, precision: str,
+                clean: np.ndarray) -> tuple[Gate, dict[str, float]]:
+    """Clean-rank gate of an engine against ONNX Runtime FP32, plus its re-chosen thresholds."""
+    from dede_rt.bundle.thresholds import thresholds_by_fpr
     from dede_rt.calibration.gate import quality_gate
     from dede_rt.engines.comparator import run_batched
     from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
     from dede_rt.engines.tensorrt_runner import TensorRTRunner
-    from dede_rt.thresholds import calibrate
 
     manifest = read_manifest(bundle)
-    fprs = tuple(sorted(float(f) for f in manifest["thresholds"]["by_fpr"])) or (0.01,)
-    key = f"{float(manifest['thresholds'].get('default_fpr', fprs[0])):g}"
-    fp32 = deployment(bundle).get("precisions", {}).get("fp32")
-    if fp32 is None or not (bundle / fp32["path"]).is_file():
-        from dede_rt.export import export_detector
-
-        export_detector(bundle, graphs=("detector",))
-        fp32 = deployment(bundle)["precisions"]["fp32"]
-    with OnnxRuntimeRunner(bundle / fp32["path"], size, providers=["CPUExecutionProvider"]) as ref_runner:
+    fprs = manifest.thresholds_for().fprs or (0.01,)
+    key = fpr_key(manifest.thresholds.default_fpr)
+    with OnnxRuntimeRunner(ensure_graph(bundle, "detector"), size, providers=["CPUExecutionProvider"]) as ref_runner:
         ref = run_batched(ref_runner, clean, 128)
     with TensorRTRunner(engine_path, size, precision) as runner:
         got = run_batched(runner, clean, 128)
-    ref_t, got_t = calibrate(ref, fprs), calibrate(got, fprs)
-    return {"gate": quality_gate(ref, got, ref_t[key], got_t[key]), "thresholds": got_t}
+    ref_t, got_t = thresholds_by_fpr(ref, fprs), thresholds_by_fpr(got, fprs)
+    return Gate.from_dict(quality_gate(ref, got, ref_t[key], got_t[key])), got_t
 
 
 
@@ -224,6 +210,6 @@ def build_engine_paths(bundle: str | Path, precision: str = "fp16", data: str | 
     if data is not None:
         from dede_rt.calibration.sets import load_clean_images
 
-        size = int(read_manifest(bundle)["normalization"]["image_size"])
+        size = read_manifest(bundle).image_size
         clean = load_clean_images(data, size, max_images).images
     return build_engine(bundle, precision, clean, min_batch, opt_batch, max_batch, workspace_gib, log)

@@ -80,9 +80,8 @@ class TensorRTRunner(BaseRunner):
 
     def __init__(self, engine_path: str | Path, image_size: int, precision: str = "fp16",
                  batch_size: int | None = None) -> None:
-        super().__init__(image_size, f"tensorrt-{precision}")
+        super().__init__(image_size, precision=precision, device="cuda")
         self.engine_path = Path(engine_path)
-        self.precision = precision
         self.batch_size = batch_size
         self.last_gpu_time: float | None = None
 

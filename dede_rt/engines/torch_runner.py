@@ -7,17 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dede_rt.detector import Detector, load_detector
+from dede_rt.bundle import Detector, load_detector
 from dede_rt.engines.base import BaseRunner
-from dede_rt.errors import UserError
-from dede_rt.scoring import score_batch
+from dede_rt.scoring import Scorer, kernel_ops
 
 
 class TorchRunner(BaseRunner):
-    """Scores with the detector's torch encoder + decoder (CPU, or CUDA when ``device='cuda'``).
+    """Scores with the detector's ``Scorer`` (CPU, or CUDA when ``device='cuda'``).
 
-    ``score_kernel``: "torch" (default, the op chain of ``score_batch``) or a fused
-    mask-and-score from ``dede_rt.kernels`` ("triton" on CUDA, "reference").
+    ``score_kernel``: "torch" (default, the plain op chain) or a fused mask-and-score from
+    ``dede_rt.kernels`` ("triton" on CUDA, "reference").
     """
 
     backend = "torch"
@@ -26,34 +25,23 @@ class TorchRunner(BaseRunner):
         self._source = detector
         self.detector: Detector | None = detector if isinstance(detector, Detector) else None
         size = self.detector.normalization.image_size if self.detector else 0
-        super().__init__(size, f"torch-{device}")
-        self.device = device
-        from dede_rt.kernels.fused import SCORE_KERNELS
-
-        if score_kernel not in SCORE_KERNELS:
-            raise UserError(f"unknown score kernel {score_kernel!r}; choose from {', '.join(SCORE_KERNELS)}")
+        kernel_ops(score_kernel)  # an unknown or unavailable kernel fails here, before any loading
+        name = f"torch-{device}" + ("" if score_kernel == "torch" else f"-{score_kernel}")
+        super().__init__(size, precision="fp32", device=device, name=name)
         self.score_kernel = score_kernel
+        self.scorer: Scorer | None = None
 
     def activate_impl(self) -> None:
         if self.detector is None:
             self.detector = load_detector(self._source)
             self.image_size = self.detector.normalization.image_size
-        self.detector.encoder.to(self.device)
-        self.detector.decoder.to(self.device)
+        self.scorer = self.detector.scorer(self.score_kernel).to(self.device).eval()
 
+    @torch.no_grad()
     def infer_impl(self, images_u8: np.ndarray) -> np.ndarray:
-        d = self.detector
-        batch = torch.from_numpy(images_u8).to(self.device)
-        if self.score_kernel != "torch":
-            from dede_rt.kernels.fused import fused_score_batch
-
-            scores = fused_score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed,
-                                       self.score_kernel, d.relative)
-            return scores.cpu().numpy()
-        return score_batch(d.encoder, d.decoder, d.normalization, batch, d.test_mask_ratio, d.mask_seed,
-                           d.relative).cpu().numpy()
+        return self.scorer(torch.from_numpy(images_u8).to(self.device)).cpu().numpy()
 
     def deactivate_impl(self) -> None:
-        if self.device != "cpu" and self.detector is not None:
-            self.detector.encoder.cpu()
-            self.detector.decoder.cpu()
+        if self.device != "cpu" and self.scorer is not None:
+            self.scorer.cpu()
+        self.scorer = None

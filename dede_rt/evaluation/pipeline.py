@@ -58,9 +58,9 @@ from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
 from dede_rt.probe import accuracy, attack_success_rate, fit_probe
-from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, RelativeReference, masked_sse,
-                             prototype_indices, trimmed_sse)
-from dede_rt.thresholds import threshold_at_fpr
+from dede_rt.bundle.thresholds import threshold_at_fpr
+from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, RelativeError, RelativeReference, TestMask,
+                             masked_sse, prototype_indices, trimmed_sse)
 from dede_rt.training import TrainConfig, compute_embeddings, split_holdout, train_decoder
 
 EVAL_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2, "patch_size": 4}
@@ -171,16 +171,20 @@ def embedding_score_sets(decoder: DeDeDecoder, normalization: Normalization, ima
     methods = ["dede", *(["dede_trimmed"] if trim is not None else []),
                *(["dede_relative"] if relative is not None else [])]
     out = {m: np.empty(len(images_u8), np.float32) for m in methods}
+    # The scorer's own pieces (fixed test mask, summed error, the relative score kind), one decoder pass.
+    mask = TestMask(decoder.config.num_patches, TEST_MASK_RATIO)
+    relative_kind = RelativeError(relative, mask.masked) if relative is not None else None
     for start in range(0, len(images_u8), batch_size):
         x = normalization.apply(images_u8[start : start + batch_size])
         z = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch_size]))
-        pred, target = decoder.decode_embedding(z), patchify_images(x, p)
-        sums = masked_sse(pred, target, torch.ones(pred.shape[:2], dtype=torch.bool))
+        pred = decoder.decode_fixed(x, z, mask.visible_index, mask.restore_index)
+        target = patchify_images(x, p)
+        sums = masked_sse(pred, target, mask.masked[None])
         batch = {"dede": sums}
         if trim is not None:
             batch["dede_trimmed"] = trimmed_sse(pred, target, trim)
-        if relative is not None:
-            batch["dede_relative"] = relative.apply(sums, target)
+        if relative_kind is not None:
+            batch["dede_relative"] = relative_kind(sums, target)
         for m in methods:
             out[m][start : start + len(x)] = batch[m].numpy()
     return out

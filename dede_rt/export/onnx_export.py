@@ -32,12 +32,10 @@ import onnx
 import torch
 from torch import nn
 
-from dede_rt.detector import Detector, load_detector
+from dede_rt.bundle import Detector, Gate, PrecisionEntry, edit_manifest, fingerprint, load_detector
 from dede_rt.errors import UserError
-from dede_rt.export.bundle import bundle_fingerprint, deployment, update_deployment
-from dede_rt.export.graphs import FusedDetector, Normalize, ScoreGraph
 from dede_rt.models.encoders import sha256_file
-from dede_rt.scoring import score_images
+from dede_rt.scoring import Normalize, Scorer
 
 ONNX_DIR = "onnx"
 DYNAMO_OPSET = 18
@@ -161,7 +159,9 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     x = det.normalization.apply(u8)
     with torch.no_grad():
         z = det.encoder(x)
-    score = ScoreGraph(det.decoder, det.test_mask_ratio, det.mask_seed, det.relative)
+    # Exported graphs use the score kinds' float32 form (no float64 on TensorRT); verify_parity checks it.
+    fused_u8 = Scorer.from_detector(det, exact=False)
+    score = fused_u8.tail
     used = {}
     if "decoder" in wanted or det.encoder_info["format"] == "onnx":
         used["decoder"] = _export_module(score, (x, z), out / "decoder.onnx", ["images", "embedding"], ["scores"], exporter)
@@ -183,11 +183,8 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
     else:
         if "encoder" in wanted:
             used["encoder"] = _export_module(det.encoder, (x,), out / "encoder.onnx", ["images"], ["embedding"], exporter)
-        fused_u8 = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, True,
-                                 det.relative)
         used["detector"] = _export_module(fused_u8, (u8,), out / "detector.onnx", ["images"], ["scores"], exporter)
-        fused_f = FusedDetector(det.encoder, det.decoder, det.normalization, det.test_mask_ratio, det.mask_seed, False,
-                                det.relative)
+        fused_f = Scorer.from_detector(det, uint8_input=False, exact=False)
         pixels = u8.permute(0, 3, 1, 2).float() / 255.0
         if "detector_nchw" in wanted:
             used["detector_nchw"] = _export_module(fused_f, (pixels,), out / "detector_nchw.onnx", ["images"], ["scores"],
@@ -205,23 +202,22 @@ def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: st
                         "opset": opset, "inputs": inputs, "outputs": outputs, "nodes": len(model.graph.node)}
     record = {"graphs": graphs, "torch": torch.__version__, "onnx": onnx.__version__,
               "test_mask_ratio": det.test_mask_ratio, "mask_seed": det.mask_seed,
-              "visible_patches": score.keep, "score_kind": det.score_kind,
+              "visible_patches": fused_u8.visible_patches, "score_kind": det.score_kind,
               **({"relative_k": det.relative_k} if det.relative is not None else {}),
-              "source": bundle_fingerprint(bundle)}
+              "source": fingerprint(bundle)}
     if verify:
         record["parity"] = verify_parity(det, out / "detector.onnx")
-    previous = deployment(bundle).get("onnx", {}).get("source")
-    if previous != record["source"]:
-        # New weights or mask: everything derived from the old graphs is void.
-        for derived in DERIVED_GRAPHS:
-            (out / derived).unlink(missing_ok=True)
-        for section in ("precisions", "tensorrt", "benchmarks"):
-            update_deployment(bundle, section, None, {})
-    update_deployment(bundle, "onnx", None, record)
-    update_deployment(bundle, "precisions", "fp32", {
-        "path": graphs["detector"]["path"], "sha256": graphs["detector"]["sha256"],
-        "gate": {"passed": True, "reference": True, "summary": "FP32 reference"},
-        "thresholds": dict(det.thresholds)})
+    with edit_manifest(bundle) as manifest:
+        dep = manifest.deployment
+        if dep.onnx.get("source") != record["source"]:
+            # New weights or mask: everything derived from the old graphs is void.
+            for derived in DERIVED_GRAPHS:
+                (out / derived).unlink(missing_ok=True)
+            dep.clear_derived()
+        dep.onnx = record
+        dep.precisions["fp32"] = PrecisionEntry(
+            graphs["detector"]["path"], Gate(True, "reference", "FP32 reference"), dict(det.thresholds),
+            {"sha256": graphs["detector"]["sha256"]})
     return record
 
 
@@ -240,8 +236,9 @@ def verify_parity(det: Detector, model_path: Path, count: int = 16, seed: int = 
         got = runner.infer(images)
     scale = np.maximum(np.abs(ref), 1e-12)
     if det.relative is not None:
-        scale = np.maximum(scale, score_images(det.encoder, det.decoder, det.normalization, images,
-                                               mask_ratio=det.test_mask_ratio, mask_seed=det.mask_seed))
+        summed = Scorer(encoder=det.encoder, decoder=det.decoder, normalization=det.normalization,
+                        mask_ratio=det.test_mask_ratio, mask_seed=det.mask_seed)
+        scale = np.maximum(scale, summed.score(images))
     rel = float(np.max(np.abs(got - ref) / scale))
     if rel > rtol:
         raise UserError(f"{model_path}: exported scores differ from torch by {rel:.2e} relative (> {rtol:g})")

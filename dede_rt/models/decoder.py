@@ -36,6 +36,9 @@ class DecoderConfig:
     encoder_depth: int = 12
     decoder_depth: int = 4
     mlp_ratio: float = 4.0
+    # The paper's decoder builds timm ``Block(dim, heads)``, whose qkv Linear has no bias. Bundles of
+    # manifest schema 1 were trained with one; their manifests migrate to qkv_bias=True.
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -82,12 +85,12 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """timm ``Attention`` (qkv with bias, no qk-norm) on fused SDPA."""
+    """timm ``Attention`` (qkv bias optional, as timm's ``qkv_bias``; no qk-norm) on fused SDPA."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +103,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block: x + attn(norm1(x)); x + mlp(norm2(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qkv_bias: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -152,14 +155,16 @@ class DeDeDecoder(nn.Module):
         self.patchify = nn.Conv2d(3, c.dim, c.patch_size, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.pos_embedding = nn.Parameter(torch.zeros(1, c.num_patches, c.dim))
-        self.encoder_blocks = nn.Sequential(*[Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.encoder_depth)])
+        self.encoder_blocks = nn.Sequential(*[Block(c.dim, c.heads, c.mlp_ratio, c.qkv_bias)
+                                              for _ in range(c.encoder_depth)])
         self.encoder_norm = nn.LayerNorm(c.dim)
         # Victim embedding -> the global (cls) slot.
         self.project = nn.Linear(c.embed_dim, c.dim, bias=False)
         # MAE decoder.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.decoder_pos_embedding = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.dim))
-        self.decoder_blocks = nn.Sequential(*[Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.decoder_depth)])
+        self.decoder_blocks = nn.Sequential(*[Block(c.dim, c.heads, c.mlp_ratio, c.qkv_bias)
+                                              for _ in range(c.decoder_depth)])
         self.head = nn.Linear(c.dim, c.patch_pixels)
         for p in (self.cls_token, self.pos_embedding, self.mask_token, self.decoder_pos_embedding):
             nn.init.trunc_normal_(p, std=0.02)
@@ -175,12 +180,23 @@ class DeDeDecoder(nn.Module):
             return self.decode_embedding(embedding), draw.masked
         tokens = self.patchify(images).flatten(2).transpose(1, 2) + self.pos_embedding
         visible = torch.gather(tokens, 1, draw.order[:, : draw.keep, None].expand(-1, -1, tokens.shape[-1]))
-        encoded = self.encoder_norm(self.encoder_blocks(torch.cat([self.cls_token.expand(n, -1, -1), visible], 1)))
-        patch_tokens = torch.cat(
-            [encoded[:, 1:], self.mask_token.expand(n, self.config.num_patches - draw.keep, -1)], 1
-        )
+        patch_tokens = self._with_mask_tokens(self._encode_visible(visible))
         patch_tokens = torch.gather(patch_tokens, 1, draw.restore[..., None].expand(-1, -1, patch_tokens.shape[-1]))
         return self._decode(self.project(embedding), patch_tokens), draw.masked
+
+    def decode_fixed(self, images: torch.Tensor, embedding: torch.Tensor, visible_index: torch.Tensor,
+                     restore_index: torch.Tensor) -> torch.Tensor:
+        """Predict every patch with ONE mask shared by the batch (test time): [N, T, 3p²].
+
+        ``visible_index`` [keep]: the patches the decoder sees (in shuffled order); ``restore_index`` [T]
+        un-shuffles. Same values as ``forward`` with a shared mask; index tensors instead of a per-sample
+        gather, so the mask is a constant of an exported graph. No visible patch: ``decode_embedding``.
+        """
+        if visible_index.numel() == 0:
+            return self.decode_embedding(embedding)
+        tokens = self.patchify(images).flatten(2).transpose(1, 2) + self.pos_embedding
+        patch_tokens = self._with_mask_tokens(self._encode_visible(tokens[:, visible_index]))
+        return self._decode(self.project(embedding), patch_tokens[:, restore_index])
 
     def decode_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         """Test-time path (no visible patch): reconstruct all T patches from the embedding alone."""
@@ -190,6 +206,16 @@ class DeDeDecoder(nn.Module):
         """Like ``decode_embedding`` but stops before the head: [N, T, dim] (for head-fused scoring)."""
         n = embedding.shape[0]
         return self._hidden(self.project(embedding), self.mask_token.expand(n, self.config.num_patches, -1))
+
+    def _encode_visible(self, visible: torch.Tensor) -> torch.Tensor:
+        """[cls, visible patches] through the MAE encoder; returns the visible patches' outputs."""
+        n = visible.shape[0]
+        return self.encoder_norm(self.encoder_blocks(torch.cat([self.cls_token.expand(n, -1, -1), visible], 1)))[:, 1:]
+
+    def _with_mask_tokens(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Append mask tokens after the encoded visible patches (shuffled order)."""
+        n, keep = encoded.shape[:2]
+        return torch.cat([encoded, self.mask_token.expand(n, self.config.num_patches - keep, -1)], 1)
 
     def _hidden(self, global_token: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         tokens = torch.cat([global_token[:, None], patch_tokens], 1) + self.decoder_pos_embedding

@@ -284,18 +284,6 @@ def write_histogram_png(path: str | Path, histogram: dict, threshold: float, tit
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON via a temporary file and rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def sidecar_paths(output: str | Path) -> tuple[Path, Path]:
     """Where the summary JSON and histogram PNG of a scan output go: next to it, same stem."""
     output = Path(output)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dede_rt.detector import Detector
+from dede_rt.bundle import Detector, Thresholds
 from dede_rt.engines.base import BaseRunner
+from dede_rt.engines.registry import Deployment, make_runner
 from dede_rt.errors import UserError
 from dede_rt.scan.decode import DEFAULT_MAX_PIXELS, DecodePool
-from dede_rt.scan.output import (ResultWriter, ScanResult, sidecar_paths, summarize_rows, write_histogram_png,
-                                 write_json_atomic)
+from dede_rt.files import write_json_atomic
+from dede_rt.scan.output import ResultWriter, ScanResult, sidecar_paths, summarize_rows, write_histogram_png
 from dede_rt.scan.sources import Item, open_source
-from dede_rt.thresholds import DEFAULT_FPR, threshold_at_fpr
 
 DEFAULT_BATCH_SIZE = 64  # batches of 32-64 beat 256 on CPU (DESIGN.md)
 
@@ -58,65 +58,28 @@ class ScanStats:
                 "decode_wait_seconds": round(self.wait_seconds, 4)}
 
 
-@dataclass
-class BundleThresholds:
-    """What the scanner needs from a bundle besides the runner: input size and calibrated thresholds.
+def make_deployment(detector: str | Path | Detector, backend: str = "auto", precision: str | None = None, *,
+                    batch_size: int | None = None, device: str | None = None, threads: int = 0,
+                    score_kernel: str = "torch") -> Deployment:
+    """What serves ``detector`` (a bundle path, or a loaded Detector: torch unless it has a bundle path)."""
+    if isinstance(detector, Detector) and (detector.path is None or backend == "torch"):
+        if backend not in ("auto", "torch") or precision not in (None, "fp32"):
+            raise UserError(f"backend {backend} / {precision} needs a saved bundle; an in-memory detector scores "
+                            "with torch fp32")
+        from dede_rt.engines.registry import RunnerChoice
+        from dede_rt.engines.torch_runner import TorchRunner
 
-    Read from ``manifest.json`` + ``calibration_scores.npy`` without loading the
-    encoder (the runner loads, and hash-checks, what it needs).
-    """
-
-    image_size: int
-    by_fpr: dict[str, float]
-    default_fpr: float
-    calibration_scores: np.ndarray
-
-    @classmethod
-    def of(cls, detector: str | Path | Detector) -> BundleThresholds:
-        """From a loaded Detector or a bundle directory."""
-        if isinstance(detector, Detector):
-            return cls(detector.normalization.image_size, dict(detector.thresholds),
-                       detector.extra.get("default_fpr", DEFAULT_FPR), np.asarray(detector.calibration_scores))
-        from dede_rt.detector import CALIBRATION_SCORES, MANIFEST
-
-        path = Path(detector) / MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"{detector}: not a detector bundle (no readable {MANIFEST})") from None
-        if manifest.get("kind") != "dede-detector":
-            raise UserError(f"{path}: not a dede-rt detector manifest")
-        scores = Path(detector) / CALIBRATION_SCORES
-        calibration = np.load(scores) if scores.is_file() else np.empty(0, np.float32)
-        thresholds = manifest.get("thresholds", {})
-        return cls(int(manifest["normalization"]["image_size"]), dict(thresholds.get("by_fpr", {})),
-                   float(thresholds.get("default_fpr", DEFAULT_FPR)), calibration)
-
-    def threshold(self, fpr: float) -> float:
-        """The stored threshold at ``fpr``, else one computed from the calibration scores (as ``Detector.threshold``)."""
-        key = f"{fpr:g}"
-        return float(self.by_fpr[key]) if key in self.by_fpr else threshold_at_fpr(self.calibration_scores, fpr)
-
-
-def _make_runner(bundle: Path | None, detector: str | Path | Detector, backend: str, precision: str | None,
-                 batch_size: int, device: str | None, threads: int) -> BaseRunner:
-    try:
-        from dede_rt.engines.registry import make_runner
-    except ImportError:  # the engines registry is not installed in this build: the torch reference only
-        make_runner = None
-    if make_runner is not None and bundle is not None and (backend != "torch" or not isinstance(detector, Detector)):
-        return make_runner(bundle, backend, precision, batch_size=batch_size, device=device, threads=threads)
-    if backend not in ("auto", "torch") or precision not in (None, "fp32"):
-        raise UserError(f"backend {backend} / {precision} needs the engines registry; only torch fp32 is available")
-    from dede_rt.engines.torch_runner import TorchRunner
-
-    return TorchRunner(detector, device or "cpu")
+        dev = device or "cpu"
+        return Deployment(RunnerChoice("torch", "fp32", dev, None, "in-memory detector"),
+                          TorchRunner(detector, dev, score_kernel), detector.fp32_thresholds(), batch_size)
+    bundle = detector.path if isinstance(detector, Detector) else Path(detector)
+    return make_runner(bundle, backend, precision, batch_size=batch_size, device=device, threads=threads,
+                       score_kernel=score_kernel)
 
 
 def _pinned_buffer(runner: BaseRunner, shape: tuple[int, ...]) -> np.ndarray:
     """The batch buffer: page-locked host memory when the runner feeds a CUDA device (faster H2D copies)."""
-    device = str(getattr(runner, "device", "") or getattr(getattr(runner, "choice", None), "device", ""))
-    if device.startswith("cuda"):
+    if runner.device.startswith("cuda"):
         try:
             import torch
 
@@ -132,14 +95,11 @@ class Scanner:
     def __init__(self, detector: str | Path | Detector, backend: str = "auto", precision: str | None = None,
                  threshold: float | None = None, fpr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  workers: int | None = None, pool: str = "thread", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 device: str | None = None, threads: int = 0) -> None:
+                 device: str | None = None, threads: int = 0, score_kernel: str = "torch") -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if threshold is not None and fpr is not None:
             raise UserError("give either --threshold or --fpr, not both")
-        info = BundleThresholds.of(detector)
-        self.bundle = detector.path if isinstance(detector, Detector) else Path(detector)
-        self.size = info.image_size
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.pool_kind = pool
@@ -151,36 +111,27 @@ class Scanner:
 
             torch.set_num_threads(threads)
         self.threads = threads
-        self.runner = _make_runner(self.bundle, detector, backend, precision, batch_size, device, threads)
+        self.deployment = make_deployment(detector, backend, precision, batch_size=batch_size, device=device,
+                                          threads=threads, score_kernel=score_kernel)
+        self.runner = self.deployment.runner
         self.runner.activate()
-        self._set_threshold(info, threshold, fpr)
-        if self.runner.image_size and self.runner.image_size != self.size:
-            raise UserError(f"runner input size {self.runner.image_size} != detector size {self.size}")
+        self.size = self.runner.image_size
+        self._set_threshold(self.deployment.thresholds, threshold, fpr)
         self.stats = ScanStats()
 
-    def _set_threshold(self, info: BundleThresholds, threshold: float | None, fpr: float | None) -> None:
-        """The flagging threshold: explicit, or calibrated at the target FPR for the precision that scores.
+    def _set_threshold(self, thresholds: Thresholds, threshold: float | None, fpr: float | None) -> None:
+        """The flagging threshold: explicit, or the one at the target FPR for the precision that scores.
 
         INT8/FP16 scores differ slightly from FP32, so those precisions use the
-        thresholds ``dede-rt calibrate`` re-calibrated on their own clean scores.
+        thresholds ``dede-rt calibrate`` re-chose on their own clean scores.
         """
-        calibration = np.asarray(info.calibration_scores, np.float64)
         if threshold is not None:
             self.target_fpr, self.threshold = None, float(threshold)
         else:
-            self.target_fpr = info.default_fpr if fpr is None else fpr
-            if self.runner.precision == "fp32":
-                self.threshold = float(info.threshold(self.target_fpr))
-            else:
-                by_fpr = getattr(self.runner, "thresholds", {}) or {}
-                key = f"{self.target_fpr:g}"
-                if key not in by_fpr:
-                    raise UserError(f"no {self.runner.precision} threshold calibrated at FPR {key} (have: "
-                                    f"{', '.join(sorted(by_fpr)) or 'none'}); use one of those, --threshold, or fp32")
-                self.threshold = float(by_fpr[key])
-        # The FPR this threshold has on the bundle's clean calibration scores (FP32 scores: only meaningful there).
-        fp32 = self.runner.precision == "fp32"
-        self.calibration_fpr = float((calibration > self.threshold).mean()) if calibration.size and fp32 else None
+            self.target_fpr = thresholds.default_fpr if fpr is None else fpr
+            self.threshold = thresholds.at(self.target_fpr)
+        # The FPR this threshold has on the bundle's clean FP32 scores (only meaningful for FP32).
+        self.calibration_fpr = thresholds.fpr_on_clean(self.threshold) if self.runner.precision == "fp32" else None
 
     @property
     def backend(self) -> str:
@@ -194,8 +145,7 @@ class Scanner:
 
     def describe(self) -> str:
         """One line: backend, precision, device, why; threshold."""
-        choice = getattr(self.runner, "choice", None)
-        what = choice.describe() if choice is not None else f"{self.backend} {self.precision}"
+        what = self.deployment.describe()
         fpr = f"target FPR {self.target_fpr:g}" if self.target_fpr is not None else "explicit"
         return f"backend {what}; threshold {self.threshold:.6g} ({fpr})"
 
@@ -275,7 +225,8 @@ def scan(source: str | Path, detector: str | Path | Detector, *, limit: int | No
          **options: object) -> Iterator[ScanResult]:
     """Scan ``source`` (folder, path list, .npz, CIFAR batches, .tar shards) and yield one row per input, in order.
 
-    ``options``: backend, precision, threshold, fpr, batch_size, workers, pool, max_pixels, device, threads
+    ``options``: backend, precision, threshold, fpr, batch_size, workers, pool, max_pixels, device, threads,
+    score_kernel
     (see ``Scanner``).
     """
     src = open_source(source)
@@ -359,7 +310,7 @@ def run_scan(source: str | Path, detector: str | Path, output: str | Path | None
     else:
         totals = {"counts": {"inputs": stats["inputs"], "scored": stats["scored"], "flagged": stats["flagged"],
                              "errors": stats["errors"]}, "scores": None, "histogram": None}
-    from dede_rt.detector import versions
+    from dede_rt.bundle import versions
 
     summary = {**base, "status": "complete", **totals, "resumed_from": done, "this_run": stats,
                "histogram_png": None, "started_at": started_at,

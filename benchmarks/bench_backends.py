@@ -40,8 +40,9 @@ def main() -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / args.name
-    bench_command(args.detector, args.workdir, tuple(int(b) for b in args.batch_sizes.split(",")), DEFAULT_VARIANTS,
-                  args.seconds, args.rounds, args.threads, f"{stem}.json", f"{stem}.md", f"{stem}.png")
+    bench_command(args.detector, args.workdir, batches=tuple(int(b) for b in args.batch_sizes.split(",")),
+                  variants=DEFAULT_VARIANTS, seconds=args.seconds, rounds=args.rounds, threads=args.threads,
+                  json_path=f"{stem}.json", markdown_path=f"{stem}.md", plot_path=f"{stem}.png")
     print((stem.with_suffix(".md")).read_text())
 
 
@@ -69,7 +70,7 @@ def quality(detector: Path, out: Path) -> None:
 
     cal = data.images[cal_idx]
     stamped = white_square().stamp(cal[data.labels[cal_idx] != TARGET_CLASS])
-    labelled = calibrate_detector(work, cal, data.labels[cal_idx], stamped, precisions=("int8", "fp16"))
+    labelled = calibrate_detector(work, cal, data.labels[cal_idx], triggered=stamped, precisions=("int8", "fp16"))
     result["labelled_gates"] = {p: e["gate"] for p, e in labelled.items()}
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["rows"]:

@@ -302,7 +302,7 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
     return bundle
 
 
-def bench_command(bundle: str | Path | None, workdir: str | Path, batches: tuple[int, ...] = DEFAULT_BATCHES,
+def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tuple[int, ...] = DEFAULT_BATCHES,
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
                   plot_path: str | Path | None = None, log=print) -> dict:

@@ -252,7 +252,7 @@ def export_cmd(
     """Export the detector to ONNX: fused uint8 and float-NCHW graphs plus encoder/decoder, into DETECTOR/onnx/."""
     from dede_rt.export import export_detector
 
-    record = export_detector(detector, exporter, encoder)
+    record = export_detector(detector, exporter, encoder_path=encoder)
     for name, g in record["graphs"].items():
         typer.echo(f"{g['path']}: {g['exporter']}, opset {g['opset']}, {g['nodes']} nodes")
     p = record["parity"]
@@ -328,8 +328,9 @@ def bench(
     variants = tuple(tuple(v.split(":", 1)) for v in _csv(backends))
     if any(len(v) != 2 for v in variants):
         raise UserError(f"--backends takes backend:precision pairs, got {backends!r}")
-    result = bench_command(detector, workdir, _csv(batch_sizes, int), variants, seconds, rounds, threads,
-                           json_out, markdown, plot, log=lambda m: typer.echo(m, err=True))
+    result = bench_command(detector, workdir, batches=_csv(batch_sizes, int), variants=variants, seconds=seconds,
+                           rounds=rounds, threads=threads, json_path=json_out, markdown_path=markdown, plot_path=plot,
+                           log=lambda m: typer.echo(m, err=True))
     typer.echo(markdown_table(result))
 
 

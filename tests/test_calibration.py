@@ -55,7 +55,7 @@ def calibrated(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory
     pool = rng.permutation(np.arange(256, len(demo_images)))
     clean = demo_images.images[pool[:700]]
     triggered = white_square().stamp(demo_images.images[pool[700:1000]])
-    results = calibrate_detector(bundle, clean, demo_images.labels[pool[:700]], triggered, count=200, seed=0,
+    results = calibrate_detector(bundle, clean, demo_images.labels[pool[:700]], triggered=triggered, count=200, seed=0,
                                  warn=lambda _: None)
     return bundle, results
 

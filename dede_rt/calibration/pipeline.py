@@ -26,7 +26,7 @@ def _scores(path: Path, size: int, precision: str, images: np.ndarray) -> np.nda
         return run_batched(runner, images, 128)
 
 
-def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None,
+def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None, *,
                        triggered: np.ndarray | None = None, count: int = 256, seed: int = 0,
                        precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
                        tol: GateTolerance = GateTolerance(), warn=print, headroom: float = DEFAULT_HEADROOM) -> dict:
@@ -86,7 +86,7 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
     return results
 
 
-def calibrate_paths(bundle: str | Path, data: str | Path, triggered: str | Path | None = None, count: int = 256,
+def calibrate_paths(bundle: str | Path, data: str | Path, *, triggered: str | Path | None = None, count: int = 256,
                     seed: int = 0, precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
                     max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print,
                     headroom: float = DEFAULT_HEADROOM) -> dict:
@@ -96,5 +96,5 @@ def calibrate_paths(bundle: str | Path, data: str | Path, triggered: str | Path 
     size = read_manifest(bundle).image_size
     clean = load_clean_images(data, size, max_images, seed)
     trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
-    return calibrate_detector(bundle, clean.images, clean.labels, trig, count, seed, precisions, method, tol, warn,
-                              headroom)
+    return calibrate_detector(bundle, clean.images, clean.labels, triggered=trig, count=count, seed=seed,
+                              precisions=precisions, method=method, tol=tol, warn=warn, headroom=headroom)

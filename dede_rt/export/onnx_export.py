@@ -137,7 +137,7 @@ def splice_onnx_encoder(normalize: onnx.ModelProto, encoder: onnx.ModelProto, sc
     return onnx.compose.merge_models(front, score, io_map=[("normalize/x_for_score", s_images), (enc_out, s_embed)])
 
 
-def export_detector(bundle: str | Path, exporter: str = "auto", encoder_path: str | Path | None = None,
+def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path: str | Path | None = None,
                     verify: bool = True, graphs: tuple[str, ...] = ALL_GRAPHS) -> dict:
     """Write the ONNX graphs of a detector bundle into ``BUNDLE/onnx/`` and record them in its manifest.
 

@@ -92,7 +92,7 @@ def _pinned_buffer(runner: BaseRunner, shape: tuple[int, ...]) -> np.ndarray:
 class Scanner:
     """A detector's runner + threshold + decode settings; ``batches(items)`` scores a stream of inputs."""
 
-    def __init__(self, detector: str | Path | Detector, backend: str = "auto", precision: str | None = None,
+    def __init__(self, detector: str | Path | Detector, backend: str = "auto", precision: str | None = None, *,
                  threshold: float | None = None, fpr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  workers: int | None = None, pool: str = "thread", max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  device: str | None = None, threads: int = 0, score_kernel: str = "torch") -> None:
@@ -256,7 +256,7 @@ def _skip_verified(items: Iterator[Item], existing: Iterator[ScanResult]) -> int
     return done
 
 
-def run_scan(source: str | Path, detector: str | Path, output: str | Path | None = None, resume: bool = False,
+def run_scan(source: str | Path, detector: str | Path, output: str | Path | None = None, *, resume: bool = False,
              limit: int | None = None, progress: bool = True,
              on_batch: Callable[[list[ScanResult]], None] | None = None,
              log: Callable[[str], None] | None = None, **options: object) -> dict:

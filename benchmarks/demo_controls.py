@@ -59,9 +59,9 @@ def main() -> None:
         path = args.demo_dir / file
         runs = []
         for seed in range(args.seeds):
-            det = train_detector(path, data.images[train_idx], None, norm, DEMO_DECODER,
-                                 TrainConfig(epochs=args.epochs, seed=21 + seed), l2_normalize=l2,
-                                 calibration=data.images[cal_idx], progress=False)
+            det = train_detector(path, data.images[train_idx], None, normalization=norm, decoder_config=DEMO_DECODER,
+                                 config=TrainConfig(epochs=args.epochs, seed=21 + seed), l2_normalize=l2,
+                                 threshold_data=data.images[cal_idx], progress=False)
             runs.append(detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01)))
         row = {"setting": name, "l2_normalize": l2, "seeds": args.seeds, "embedding_norm_auroc": norm_baseline(path, l2, clean, triggered, norm)}
         for key in runs[0]:

@@ -21,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 EXIT_USAGE = 2
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dede_rt import __version__
+
+        typer.echo(f"dede-rt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Screen image datasets for images carrying a backdoor trigger of a self-supervised encoder (DeDe)."""
+
+
 def _floats(text: str, name: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -41,8 +55,10 @@ def train(
     std: str = typer.Option("0.2023,0.1994,0.2010", help="Encoder input std (RGB)."),
     image_size: int = typer.Option(32, help="Encoder input size (square)."),
     l2_normalize: bool = typer.Option(False, help="L2-normalize embeddings before the decoder."),
-    calibration: Optional[Path] = typer.Option(None, help="Clean held-out images for the threshold (default: hold out part of --data)."),
-    holdout: float = typer.Option(0.1, help="Fraction of --data held out for calibration when --calibration is not given."),
+    threshold_data: Optional[Path] = typer.Option(None, "--threshold-data", "--calibration",
+                                                  help="Clean held-out images the thresholds are chosen on (default: "
+                                                  "hold out part of --data; --calibration is the old name)."),
+    holdout: float = typer.Option(0.1, help="Fraction of --data held out for the thresholds when --threshold-data is not given."),
     fpr: float = typer.Option(0.01, help="Target false-positive rate of the default threshold (0.05 is also stored)."),
     epochs: int = typer.Option(200), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
@@ -66,7 +82,7 @@ def train(
     resume: bool = typer.Option(False, help="Resume from OUT/checkpoints if a run was interrupted."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
-    """Train a DeDe detector for a victim encoder and calibrate its threshold on clean data."""
+    """Train a DeDe detector for a victim encoder and choose its thresholds on clean held-out data."""
     from dede_rt.data.transforms import Normalization
     from dede_rt.training import TrainConfig, train_detector
 
@@ -82,13 +98,13 @@ def train(
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            mask_ratio=mask_ratio, seed=seed, optimizer=optimizer, grad_clip=grad_clip,
                            high_norm_share=high_norm_share, precision=train_precision),
-        encoder_format=encoder_format, l2_normalize=l2_normalize, calibration=calibration, holdout_fraction=holdout,
+        encoder_format=encoder_format, l2_normalize=l2_normalize, threshold_data=threshold_data, holdout_fraction=holdout,
         fprs=tuple(sorted({fpr, 0.01, 0.05})), default_fpr=fpr, embed_encoder=embed_encoder, resume=resume,
         progress=not quiet, relative_k=relative_k if score == "relative" else 0, prototypes=prototypes)
     t = detector.sections["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
                f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "
-               f"(calibrated on {t['calibration_images']} clean images)")
+               f"(chosen on {t['threshold_images']} clean held-out images)")
 
 
 @app.command()
@@ -275,6 +291,9 @@ def calibrate(
 ) -> None:
     """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-choose thresholds."""
     from dede_rt.bundle import fpr_key
+    from dede_rt.optional import require_onnx_export
+
+    require_onnx_export("dede-rt calibrate")  # before calibration.pipeline, which imports onnx at module level
     from dede_rt.calibration.pipeline import calibrate_paths
 
     results = calibrate_paths(detector, data, triggered=triggered, count=count, seed=seed,
@@ -351,7 +370,7 @@ def scan(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Rows to FILE.csv, .jsonl or .parquet "
                                           "(+ FILE.summary.json and FILE.hist.png). Without it, flagged inputs are printed."),
     resume: bool = typer.Option(False, help="Continue an interrupted scan into the same --output."),
-    fpr: Optional[float] = typer.Option(None, help="Flag at the threshold calibrated for this false-positive rate (default: the bundle's, 0.01)."),
+    fpr: Optional[float] = typer.Option(None, help="Flag at the threshold chosen for this false-positive rate (default: the bundle's, 0.01)."),
     threshold: Optional[float] = typer.Option(None, help="Flag when score > this value (instead of --fpr)."),
     limit: Optional[int] = typer.Option(None, help="Scan at most N inputs (in scan order)."),
     max_pixels: int = typer.Option(89_478_485, help="Reject images declaring more pixels (decompression bombs)."),

@@ -296,7 +296,7 @@ def split_holdout(n: int, fraction: float, seed: int, minimum: int = 1) -> tuple
     """Seeded split of ``range(n)`` into (train, held-out) index arrays."""
     holdout = max(minimum, int(round(n * fraction)))
     if holdout >= n:
-        raise UserError(f"{n} images are too few to hold out {holdout} for threshold calibration")
+        raise UserError(f"{n} images are too few to hold out {holdout} for choosing thresholds")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[holdout:]), np.sort(order[:holdout])
 
@@ -305,7 +305,7 @@ def train_detector(
     encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None, *,
     normalization: Normalization | None = None, decoder_config: dict | None = None,
     config: TrainConfig | None = None, encoder_format: str = "auto", l2_normalize: bool = False,
-    calibration: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
+    threshold_data: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
     fprs: tuple[float, ...] = (0.01, 0.05), default_fpr: float = 0.01, embed_encoder: bool = False,
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
     relative_k: int = 0, prototypes: int = PROTOTYPES,
@@ -322,18 +322,18 @@ def train_detector(
     config = config or TrainConfig()
     encoder, info = load_encoder(encoder_path, encoder_format, normalization.image_size, l2_normalize)
     images = data if isinstance(data, np.ndarray) else load_images(data, normalization.image_size).images
-    if calibration is None:
+    if threshold_data is None:
         train_idx, hold_idx = split_holdout(len(images), holdout_fraction, config.seed)
         train_images, hold_images = images[train_idx], images[hold_idx]
     else:
         train_images = images
-        hold_images = calibration if isinstance(calibration, np.ndarray) else load_images(
-            calibration, normalization.image_size).images
+        hold_images = threshold_data if isinstance(threshold_data, np.ndarray) else load_images(
+            threshold_data, normalization.image_size).images
     if relative_k < 0 or (relative_k and relative_k > min(prototypes, len(train_images))):
         raise UserError(f"the relative score averages k of {min(prototypes, len(train_images))} prototypes (the "
                         f"--prototypes of the {len(train_images)} training images); got k = {relative_k}")
     if len(hold_images) < 1 / min(fprs):
-        print(f"warning: {len(hold_images)} calibration images cannot resolve an FPR of {min(fprs):g}; "
+        print(f"warning: {len(hold_images)} held-out clean images cannot resolve an FPR of {min(fprs):g}; "
               f"use at least {int(np.ceil(10 / min(fprs)))}", file=sys.stderr)
     dconf = DecoderConfig(**{"embed_dim": encoder.embed_dim, "image_size": normalization.image_size,
                              **(decoder_config or {})})
@@ -346,18 +346,18 @@ def train_detector(
                            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     result.embed_seconds = embed_seconds
     proto = None
-    if relative_k:  # clean training embeddings, never the calibration images the threshold is set on
+    if relative_k:  # clean training embeddings, never the held-out images the thresholds are chosen on
         proto = np.asarray(embeddings[prototype_indices(len(train_images), prototypes, config.seed)], np.float32)
     detector = Detector(
         encoder=encoder, decoder=result.decoder, normalization=normalization, encoder_info=info,
         train_mask_ratio=config.mask_ratio, default_fpr=default_fpr,
         sections={"training": {**config.to_dict(), "images": int(len(train_images)),
-                            "calibration_images": int(len(hold_images)), "final_loss": result.losses[-1],
+                            "threshold_images": int(len(hold_images)), "final_loss": result.losses[-1],
                             "epochs_run": len(result.losses), "embed_seconds": round(result.embed_seconds, 3),
                             "train_seconds": round(result.train_seconds, 3),
                             "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}},
         prototype_embeddings=proto, relative_k=relative_k)
-    # Scored by the detector itself, so the calibrated score is the one it will serve (prototypes decoded once).
+    # Scored by the detector itself, so the thresholded score is the one it will serve (prototypes decoded once).
     detector.calibration_scores = detector.score(hold_images, progress=progress)
     detector.thresholds = thresholds_by_fpr(detector.calibration_scores, fprs)
     if out is not None:

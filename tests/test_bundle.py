@@ -21,7 +21,7 @@ def test_manifest_records_everything(tiny_detector_dir, encoder_file):
     assert m["mask"]["train_ratio"] == 0.9 and m["mask"]["test_ratio"] == 0.99
     assert set(m["thresholds"]["by_fpr"]) == {"0.01", "0.05"} and m["thresholds"]["default_fpr"] == 0.01
     assert m["training"]["lr"] == 1e-3 and m["training"]["weight_decay"] == 1e-6 and m["training"]["seed"] == 21
-    assert m["training"]["images"] == 192 and m["training"]["calibration_images"] == 64
+    assert m["training"]["images"] == 192 and m["training"]["threshold_images"] == 64
     assert {"dede_rt", "torch", "numpy", "python"} <= set(m["versions"])
     assert (tiny_detector_dir / "decoder.safetensors").exists()
 

@@ -77,7 +77,7 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
     assert proc.returncode == 0, proc.stderr
     assert "detector written" in proc.stdout
     info = json.loads(run_cli("info", out).stdout)
-    assert info["training"]["images"] == 90 and info["training"]["calibration_images"] == 30
+    assert info["training"]["images"] == 90 and info["training"]["threshold_images"] == 30
     assert info["score"]["kind"] == "summed" and info["decoder"]["qkv_bias"] is False
     # the relative score: prototypes from the 90 training images; the exported graph computes it too
     rel = tmp_path / "det_rel"

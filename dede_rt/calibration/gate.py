@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import spearmanr
 
+from dede_rt.engines.comparator import compare_scores
 from dede_rt.metrics import detection_report
 
 
@@ -34,8 +34,8 @@ def quality_gate(ref_clean: np.ndarray, got_clean: np.ndarray, ref_threshold: fl
                  labels: np.ndarray | None = None, ref_val: np.ndarray | None = None,
                  got_val: np.ndarray | None = None, tol: GateTolerance = GateTolerance()) -> dict:
     """Compare a precision's scores with FP32's; returns the measured deltas and ``passed``."""
-    rho = float(spearmanr(ref_clean, got_clean).statistic)
-    agree = float(np.mean((np.asarray(ref_clean) > ref_threshold) == (np.asarray(got_clean) > got_threshold)))
+    clean = compare_scores(ref_clean, got_clean, ref_threshold, got_threshold, ("fp32", "lower precision"))
+    rho, agree = clean.spearman, clean.flag_agreement
     out: dict = {"spearman_clean": rho, "flag_agreement_clean": agree, "tolerance": tol.to_dict(),
                  "clean_images": int(len(ref_clean))}
     if labels is not None and ref_val is not None and got_val is not None and len(np.unique(labels)) == 2:
@@ -47,7 +47,7 @@ def quality_gate(ref_clean: np.ndarray, got_clean: np.ndarray, ref_threshold: fl
                    auroc_fp32=ref["auroc"], auroc=got["auroc"], tpr_fp32=ref["tpr_at_threshold"],
                    tpr=got["tpr_at_threshold"], fpr_fp32=ref["fpr_at_threshold"], fpr=got["fpr_at_threshold"],
                    auroc_drop=d_auroc, tpr_drop=d_tpr,
-                   spearman_validation=float(spearmanr(ref_val, got_val).statistic))
+                   spearman_validation=compare_scores(ref_val, got_val).spearman)
         out["passed"] = bool(d_auroc <= tol.auroc_drop and d_tpr <= tol.tpr_drop)
         out["summary"] = (f"AUROC {got['auroc']:.4f} vs FP32 {ref['auroc']:.4f}, TPR@thr {got['tpr_at_threshold']:.3f} "
                           f"vs {ref['tpr_at_threshold']:.3f}")

@@ -29,11 +29,17 @@ class Comparison:
 
 
 def compare_scores(ref: np.ndarray, got: np.ndarray, threshold: float | None = None,
-                   threshold_b: float | None = None, names: tuple[str, str] = ("a", "b")) -> Comparison:
-    """Compare two score vectors; ``threshold_b`` (default ``threshold``) flags the second one."""
+                   threshold_b: float | None = None, names: tuple[str, str] = ("a", "b"),
+                   scale: np.ndarray | None = None) -> Comparison:
+    """Compare two score vectors; ``threshold_b`` (default ``threshold``) flags the second one.
+
+    Relative differences are taken against ``|ref|`` or, when given, ``scale`` (per image: a score that is a
+    difference of two errors can sit near zero while float32 rounding follows the errors' size).
+    """
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     diff = np.abs(got - ref)
-    rel = diff / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
+    base = np.abs(ref) if scale is None else np.maximum(np.abs(ref), np.asarray(scale, np.float64))
+    rel = diff / np.maximum(base, np.finfo(np.float32).tiny)
     rho = float(spearmanr(ref, got).statistic) if len(ref) > 1 else float("nan")
     agree = None
     if threshold is not None:

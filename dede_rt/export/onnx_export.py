@@ -227,6 +227,7 @@ def verify_parity(det: Detector, model_path: Path, count: int = 16, seed: int = 
     The difference is relative to the image's score or, for the relative score (a difference of two errors that
     can sit near zero), to the larger of it and the image's own reconstruction error, which sets float32's rounding.
     """
+    from dede_rt.engines.comparator import compare_scores
     from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
 
     size = det.normalization.image_size
@@ -234,12 +235,13 @@ def verify_parity(det: Detector, model_path: Path, count: int = 16, seed: int = 
     ref = det.score(images)
     with OnnxRuntimeRunner(model_path, size, providers=["CPUExecutionProvider"]) as runner:
         got = runner.infer(images)
-    scale = np.maximum(np.abs(ref), 1e-12)
+    scale = None
     if det.relative is not None:
         summed = Scorer(encoder=det.encoder, decoder=det.decoder, normalization=det.normalization,
                         mask_ratio=det.test_mask_ratio, mask_seed=det.mask_seed)
-        scale = np.maximum(scale, summed.score(images))
-    rel = float(np.max(np.abs(got - ref) / scale))
-    if rel > rtol:
-        raise UserError(f"{model_path}: exported scores differ from torch by {rel:.2e} relative (> {rtol:g})")
-    return {"images": count, "max_rel_diff": rel, "max_abs_diff": float(np.max(np.abs(got - ref)))}
+        scale = summed.score(images)
+    c = compare_scores(ref, got, names=("torch", "onnx"), scale=scale)
+    if c.max_rel_diff > rtol:
+        raise UserError(f"{model_path}: exported scores differ from torch by {c.max_rel_diff:.2e} relative "
+                        f"(> {rtol:g})")
+    return {"images": count, "max_rel_diff": c.max_rel_diff, "max_abs_diff": c.max_abs_diff}

@@ -86,11 +86,7 @@ def train(
     from dede_rt.data.transforms import Normalization
     from dede_rt.training import TrainConfig, train_detector
 
-    from dede_rt.scoring import kind_class
-
     norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size)
-    score = "summed" if score == "reference" else score  # the first round's name for the summed error
-    kind_class(score)
     detector = train_detector(
         encoder, data, out, normalization=norm,
         decoder_config={"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth,
@@ -100,7 +96,8 @@ def train(
                            high_norm_share=high_norm_share, precision=train_precision),
         encoder_format=encoder_format, l2_normalize=l2_normalize, threshold_data=threshold_data, holdout_fraction=holdout,
         fprs=tuple(sorted({fpr, 0.01, 0.05})), default_fpr=fpr, embed_encoder=embed_encoder, resume=resume,
-        progress=not quiet, relative_k=relative_k if score == "relative" else 0, prototypes=prototypes)
+        progress=not quiet, score="summed" if score == "reference" else score,  # the first round's name
+        relative_k=relative_k, prototypes=prototypes)
     t = detector.sections["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
                f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "

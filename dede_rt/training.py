@@ -308,16 +308,23 @@ def train_detector(
     threshold_data: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
     fprs: tuple[float, ...] = (0.01, 0.05), default_fpr: float = 0.01, embed_encoder: bool = False,
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-    relative_k: int = 0, prototypes: int = PROTOTYPES,
+    score: str | None = None, relative_k: int = 0, prototypes: int = PROTOTYPES,
 ) -> "Detector":
     """Train a detector end to end: embed once, train the decoder, choose thresholds on clean held-out data, save.
 
-    ``relative_k`` > 0: the detector uses the relative score against ``prototypes`` of its training embeddings.
+    ``score``: a registered score kind ("summed", "relative"; default: "relative" when ``relative_k`` > 0, else
+    "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
+    ``relative_k`` (default 32) that fit best.
     """
     from dede_rt.bundle import Detector
     from dede_rt.bundle.thresholds import thresholds_by_fpr
     from dede_rt.data.sources import load_images
 
+    from dede_rt.scoring import RELATIVE_K, kind_class
+
+    score = score or ("relative" if relative_k else "summed")
+    kind_class(score)  # an unknown kind fails before any work
+    relative_k = (relative_k or RELATIVE_K) if score == "relative" else 0
     normalization = normalization or Normalization()
     config = config or TrainConfig()
     encoder, info = load_encoder(encoder_path, encoder_format, normalization.image_size, l2_normalize)

@@ -198,8 +198,8 @@ def eval_command(
 ) -> None:
     """Build or load victims, train DeDe detectors and baselines, write the paper-shaped results table."""
     from dede_rt.data.transforms import Normalization
-    from dede_rt.evaluation.pipeline import EvalConfig, run_eval
-    from dede_rt.evaluation.victims import DEFAULT_VICTIMS, VictimConfig, load_eval_data
+    from dede_rt.research.evaluation.pipeline import EvalConfig, run_eval
+    from dede_rt.research.evaluation.victims import DEFAULT_VICTIMS, VictimConfig, load_eval_data
 
     if threads:
         import torch

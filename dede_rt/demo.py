@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune
-from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
+from dede_rt.research.attacks.badencoder import BadEncoderConfig, badencoder_finetune
+from dede_rt.research.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_dataset
 from dede_rt.data.sources import ImageSet
 from dede_rt.data.transforms import Normalization

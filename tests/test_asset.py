@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dede_rt.baselines.asset import AssetConfig, _fit_mlp, adjusted_outlyingness, asset_scores, medcouple
+from dede_rt.research.baselines.asset import AssetConfig, _fit_mlp, adjusted_outlyingness, asset_scores, medcouple
 from dede_rt.data.transforms import Normalization
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune, badencoder_losses
-from dede_rt.attacks.ctrl import (FrequencyTrigger, block_dct, ctrl_trigger, dct_matrix, image_spectrum,
+from dede_rt.research.attacks.badencoder import BadEncoderConfig, badencoder_finetune, badencoder_losses
+from dede_rt.research.attacks.ctrl import (FrequencyTrigger, block_dct, ctrl_trigger, dct_matrix, image_spectrum,
                                   poison_target_class, rgb_to_ycrcb, ycrcb_to_rgb)
-from dede_rt.attacks.drupe import (DRUPEConfig, drupe_effectiveness, drupe_finetune, mean_pairwise_similarity,
+from dede_rt.research.attacks.drupe import (DRUPEConfig, drupe_effectiveness, drupe_finetune, mean_pairwise_similarity,
                                    sliced_wasserstein)
-from dede_rt.attacks.simclr import nt_xent
+from dede_rt.research.attacks.simclr import nt_xent
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import blend_trigger, patch_trigger, white_square
 from dede_rt.errors import UserError
@@ -180,7 +180,7 @@ def test_finetune_pulls_triggered_embeddings_to_reference(attack, demo_images):
 
 
 def test_drupe_cost_schedule_rises_only_while_backdoor_is_effective():
-    from dede_rt.attacks.drupe import next_cost
+    from dede_rt.research.attacks.drupe import next_cost
 
     cfg = DRUPEConfig(init_cost=0.1, cost_up=2.0, cost_down=4.0, effective_cosine=0.9)
     assert next_cost(0.0, 0.95, cfg) == pytest.approx(0.1)  # switched on

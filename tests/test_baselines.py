@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
+from dede_rt.research.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
 from dede_rt.data.transforms import Normalization
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

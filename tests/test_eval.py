@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dede_rt.data.transforms import Normalization
-from dede_rt.evaluation.pipeline import EvalConfig, embedding_score_sets, run_eval
-from dede_rt.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
+from dede_rt.research.evaluation.pipeline import EvalConfig, embedding_score_sets, run_eval
+from dede_rt.research.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import patchify_images
 from dede_rt.scoring import RelativeReference, prototype_reconstructions
@@ -123,7 +123,7 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
 
 
 def test_victim_cache_keeps_victims_built_with_other_settings(tmp_path):
-    from dede_rt.evaluation.victims import victim_cache_paths
+    from dede_rt.research.evaluation.victims import victim_cache_paths
 
     def build(key):  # what simclr_victim / build_victims write after training
         path, meta_path, meta = victim_cache_paths(tmp_path, "ctrl_ctrl", key)
@@ -149,7 +149,7 @@ def test_victim_cache_keeps_victims_built_with_other_settings(tmp_path):
 
 def test_victim_cache_ignores_the_ood_set(tmp_path):
     """No victim is built from the OOD images: adding --ood-data reuses the victims (older keys held its size)."""
-    from dede_rt.evaluation.victims import victim_cache_paths
+    from dede_rt.research.evaluation.victims import victim_cache_paths
 
     data = {"pretrain": 10, "id_train": 10, "test": 5, "sources": {"train": "/d/train.npz", "test": "/d/test.npz"}}
     old_key = {"epochs": 30, "data": {**data, "ood_train": 0}}  # written by a version that kept the OOD size
@@ -168,7 +168,7 @@ def test_victim_cache_ignores_the_ood_set(tmp_path):
 def test_poison_training_split_stamps_only_the_chosen_training_images(demo_images):
     from dede_rt.data.transforms import Normalization
     from dede_rt.data.triggers import white_square
-    from dede_rt.evaluation.pipeline import poison_training_split
+    from dede_rt.research.evaluation.pipeline import poison_training_split
     from dede_rt.models.encoders import VictimEncoder
     from dede_rt.models.resnet import build_resnet
     from dede_rt.training import compute_embeddings
@@ -230,7 +230,7 @@ TINY_EVAL = ("--decoder-dim", "32", "--decoder-heads", "2", "--decoder-depth", "
 
 
 def test_victim_file_parsing():
-    from dede_rt.evaluation.victims import VictimFile
+    from dede_rt.research.evaluation.victims import VictimFile
 
     assert VictimFile.parse("badencoder:white_square=/x/m=1.pth") == VictimFile(
         "badencoder_white_square", "badencoder", "white_square", Path("/x/m=1.pth"))
@@ -241,7 +241,7 @@ def test_victim_file_parsing():
 
 
 def test_load_eval_data_matches_class_folders_by_name(tmp_path, demo_images):
-    from dede_rt.evaluation.victims import load_eval_data
+    from dede_rt.research.evaluation.victims import load_eval_data
 
     names = np.array(["cat", "dog", "eel"])
     _save_folder(tmp_path / "train", demo_images.images[:12], names[np.arange(12) % 3])
@@ -329,7 +329,7 @@ def test_eval_cli_user_input_errors(tmp_path, user_files, case, fragment):
 
 
 def test_ctrl_magnitude_changes_the_poison_and_the_cache_key_only_when_set(tmp_path, monkeypatch):
-    import dede_rt.evaluation.victims as victims
+    import dede_rt.research.evaluation.victims as victims
 
     seen = []
     monkeypatch.setattr(victims, "simclr_victim", lambda out, name, images, key, *a, **k: seen.append((images, key)))
@@ -349,7 +349,7 @@ def test_ctrl_magnitude_changes_the_poison_and_the_cache_key_only_when_set(tmp_p
 
 
 def test_simclr_victims_do_not_depend_on_the_random_state_before_them(tmp_path):
-    from dede_rt.evaluation.victims import simclr_victim
+    from dede_rt.research.evaluation.victims import simclr_victim
 
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     config = VictimConfig(simclr_epochs=1, simclr_batch=8)
@@ -365,7 +365,7 @@ def test_simclr_victims_do_not_depend_on_the_random_state_before_them(tmp_path):
 
 
 def test_histograms_show_the_ood_decoders_when_no_id_ones_ran():
-    from dede_rt.evaluation.report import histogram_key
+    from dede_rt.research.evaluation.report import histogram_key
 
     both = {("v", "blend", "raw", "dede", "id"): 1, ("v", "blend", "raw", "dede", "ood"): 2}
     assert histogram_key(both, "v", "blend") == ("v", "blend", "raw", "dede", "id")
@@ -375,7 +375,7 @@ def test_histograms_show_the_ood_decoders_when_no_id_ones_ran():
 
 
 def test_drupe_stealth_option_sets_both_stealth_weights():
-    from dede_rt.attacks.drupe import DRUPEConfig
+    from dede_rt.research.attacks.drupe import DRUPEConfig
     from dede_rt.cli import _drupe_overrides
 
     assert _drupe_overrides(None) == {}  # the defaults: victims cached without the option keep their cache key
@@ -387,7 +387,7 @@ def test_drupe_stealth_option_sets_both_stealth_weights():
 def test_drupe_stealth_help_names_the_real_default():
     import typer.main
 
-    from dede_rt.attacks.drupe import DRUPEConfig
+    from dede_rt.research.attacks.drupe import DRUPEConfig
     from dede_rt.cli import app
 
     command = typer.main.get_command(app).commands["eval"]

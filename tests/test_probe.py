@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dede_rt.probe import accuracy, attack_success_rate, fit_probe
+from dede_rt.research.probe import accuracy, attack_success_rate, fit_probe
 
 
 def test_attack_success_rate_counts_only_non_target_samples():

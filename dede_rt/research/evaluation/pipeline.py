@@ -48,16 +48,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dede_rt.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
-from dede_rt.baselines.asset import AssetConfig, asset_scores
+from dede_rt.research.baselines import DecreeConfig, embedding_norm_scores, invert_trigger, knn_distance_scores
+from dede_rt.research.baselines.asset import AssetConfig, asset_scores
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
-from dede_rt.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimFile, VictimSpec,
+from dede_rt.research.evaluation.victims import (DEFAULT_VICTIMS, EvalData, Victim, VictimConfig, VictimFile, VictimSpec,
                                         build_victims, eval_data, load_victims, make_trigger)
 from dede_rt.metrics import detection_report
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images, visible_count
 from dede_rt.models.encoders import VictimEncoder
-from dede_rt.probe import accuracy, attack_success_rate, fit_probe
+from dede_rt.research.probe import accuracy, attack_success_rate, fit_probe
 from dede_rt.bundle.thresholds import threshold_at_fpr
 from dede_rt.scoring import (PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO, RelativeError, RelativeReference, TestMask,
                              masked_sse, prototype_indices, trimmed_sse)
@@ -296,7 +296,7 @@ def _map(fn, jobs: list, workers: int, log=None, label=None) -> list:
 def run_eval(out: str | Path, config: EvalConfig = EvalConfig(), victims_dir: str | Path | None = None,
              progress: bool = True, log=print, data: EvalData | None = None, workers: int = 1) -> dict:
     """Build and/or load victims, train and score every detector variant, write results.{json,md} and plots."""
-    from dede_rt.evaluation.report import write_report
+    from dede_rt.research.evaluation.report import write_report
     from dede_rt.models.encoders import detect_format
 
     t_start = time.perf_counter()

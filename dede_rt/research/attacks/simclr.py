@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dede_rt.attacks.augment import simclr_view
+from dede_rt.research.attacks.augment import simclr_view
 from dede_rt.data.transforms import Normalization
 from dede_rt.progress import track
 

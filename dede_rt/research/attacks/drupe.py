@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dede_rt.attacks.badencoder import BadEncoderConfig, finetune_backdoor
+from dede_rt.research.attacks.badencoder import BadEncoderConfig, finetune_backdoor
 from dede_rt.data.transforms import Normalization
 
 

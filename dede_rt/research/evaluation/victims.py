@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dede_rt.attacks.badencoder import BadEncoderConfig, badencoder_finetune
-from dede_rt.attacks.ctrl import ctrl_trigger, poison_candidates, poison_target_class
-from dede_rt.attacks.drupe import DRUPEConfig, drupe_finetune
-from dede_rt.attacks.simclr import SimCLRConfig, train_simclr
+from dede_rt.research.attacks.badencoder import BadEncoderConfig, badencoder_finetune
+from dede_rt.research.attacks.ctrl import ctrl_trigger, poison_candidates, poison_target_class
+from dede_rt.research.attacks.drupe import DRUPEConfig, drupe_finetune
+from dede_rt.research.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.data.demo import demo_digits, demo_photos
 from dede_rt.data.sources import ImageSet, load_cifar_batches, load_images, resize_set
 from dede_rt.data.transforms import Normalization
@@ -43,7 +43,7 @@ from dede_rt.data.triggers import blend_trigger, white_square
 from dede_rt.errors import UserError
 from dede_rt.models.encoders import VictimEncoder, load_encoder, save_badencoder_checkpoint
 from dede_rt.models.resnet import build_resnet
-from dede_rt.probe import evaluate_probe
+from dede_rt.research.probe import evaluate_probe
 
 TRIGGERS = ("white_square", "blend", "faint_blend", "logo_blend", "ctrl")
 ATTACKS = ("clean", "badencoder", "drupe", "ctrl")

@@ -67,12 +67,13 @@ def build_detector(workdir: Path) -> Path:
 def base_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     """Realistic-ish content: the embedded demo set (digits + photo crops), jittered so every file differs."""
     from dede_rt.data.demo import demo_dataset
+    from dede_rt.data.images import resize_array
 
     demo = demo_dataset(photo_count=600).images
     rng = np.random.default_rng(seed)
     pick = demo[rng.integers(0, len(demo), n)]
     if size != demo.shape[1]:
-        pick = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in pick])
+        pick = np.stack([resize_array(im, size) for im in pick])
     noise = rng.integers(-6, 7, pick.shape, dtype=np.int16)
     return np.clip(pick.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
@@ -131,7 +132,7 @@ def memory_benchmark(detector: Path, images: Path, n_small: int, n_large: int, w
 def load_arrays(root: Path, n: int, size: int) -> np.ndarray:
     """The first ``n`` images of the tree in scan order, decoded exactly as the scanner does."""
     from dede_rt.data.images import decode_image
-    from dede_rt.scan.sources import FolderSource
+    from dede_rt.data.sources import FolderSource
 
     out = []
     for item in FolderSource(root).items():
@@ -163,8 +164,8 @@ def scan_once(scanner, images: Path, n: int, out: Path) -> tuple[float, float, d
     """
     import itertools
 
+    from dede_rt.data.sources import open_source
     from dede_rt.scan.output import ResultWriter
-    from dede_rt.scan.sources import open_source
 
     out.unlink(missing_ok=True)
     writer = ResultWriter(out)

@@ -22,7 +22,7 @@ from PIL import Image
 from dede_rt.data.images import decode_image
 from dede_rt.bundle import load_detector
 from dede_rt.scan.pipeline import Scanner
-from dede_rt.scan.sources import FolderSource
+from dede_rt.data.sources import FolderSource
 
 SIZE = 32
 pytestmark = [pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),

@@ -20,7 +20,7 @@ from dede_rt.errors import UserError
 from dede_rt.scan.decode import DecodePool
 from dede_rt.scan.output import read_rows, sidecar_paths
 from dede_rt.scan.pipeline import run_scan
-from dede_rt.scan.sources import Item, expand_braces, open_source
+from dede_rt.data.sources import Item, expand_braces, open_source
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

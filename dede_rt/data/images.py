@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +15,7 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 TRAIN_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 RESAMPLE = Image.Resampling.BICUBIC  # the one resize used for training and scanning alike
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (~89 Mpx), applied before decoding
 
 
 def iter_image_files(root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[Path]:
@@ -60,6 +63,28 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), RESAMPLE)
     return np.asarray(image, dtype=np.uint8)
+
+
+def resize_array(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 HWC array at ``size`` x ``size``: returned as is when it already fits, else resized like files."""
+    if image.shape[:2] == (size, size):
+        return image
+    return resize_rgb(Image.fromarray(image), size)
+
+
+def open_regular(path: str | Path) -> io.BufferedReader:
+    """Open ``path`` for reading, refusing anything but a non-empty regular file (a FIFO would block forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+        if info.st_size == 0:
+            raise ValueError("empty file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class ImageTooLarge(ValueError):

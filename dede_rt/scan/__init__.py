@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from dede_rt.scan.output import ScanResult
     from dede_rt.scan.pipeline import Scanner, run_scan, scan
 
-_EXPORTS = {"scan": "pipeline", "run_scan": "pipeline", "Scanner": "pipeline", "ScanResult": "output",
-            "open_source": "sources", "read_rows": "output"}
+_EXPORTS = {"scan": "dede_rt.scan.pipeline", "run_scan": "dede_rt.scan.pipeline", "Scanner": "dede_rt.scan.pipeline",
+            "ScanResult": "dede_rt.scan.output", "open_source": "dede_rt.data.sources", "read_rows": "dede_rt.scan.output"}
 __all__ = list(_EXPORTS)
 
 
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f"dede_rt.scan.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'dede_rt.scan' has no attribute {name!r}")
 
 

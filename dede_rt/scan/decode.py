@@ -7,65 +7,29 @@ the default: Pillow releases the GIL while it decodes and they share the
 parent's memory; processes are available for decode-heavy inputs (large JPEGs).
 Any failure of one input (unreadable, truncated, not an image, too large, a
 FIFO, a symlink loop, gone since discovery) becomes that input's error string.
+Decoding one item (``decode_item``) belongs to the data layer (dede_rt.data.sources).
 """
 
 from __future__ import annotations
 
-import io
-import os
-import stat
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dede_rt.data.images import decode_image, resize_rgb
+from dede_rt.data.images import DEFAULT_MAX_PIXELS
+from dede_rt.data.sources import Item, decode_item
 from dede_rt.errors import UserError
-from dede_rt.scan.sources import Item
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb limit (~89 Mpx), applied before decoding
+__all__ = ["DEFAULT_MAX_PIXELS", "DecodePool", "decode_chunk", "decode_item", "error_text"]
+
 # Images over the limit become error rows (ImageTooLarge), so Pillow's warning about them is only noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_ERROR_CHARS = 300
 POOL_KINDS = ("thread", "process")
-
-
-def _open_regular(path: str) -> io.BufferedReader:
-    """Open ``path`` for reading, refusing anything but a non-empty regular file (a FIFO would block forever)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
-        if info.st_size == 0:
-            raise ValueError("empty file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def decode_item(item: Item, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """uint8 [size, size, 3] for one item (path, bytes or array); raises on any broken input."""
-    if item.error is not None:
-        raise ValueError(item.error)
-    if isinstance(item.data, np.ndarray):
-        image = item.data
-        if image.shape[:2] == (size, size):
-            return image
-        return resize_rgb(Image.fromarray(image), size)  # the resize used for in-memory training sets
-    try:
-        if item.data is not None:
-            if not item.data:
-                raise ValueError("empty file")
-            return decode_image(io.BytesIO(item.data), size, max_pixels)
-        with _open_regular(item.path) as fh:
-            return decode_image(fh, size, max_pixels)
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError("not an image in a format Pillow recognizes") from None
 
 
 def error_text(exc: BaseException) -> str:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from dede_rt.bundle import Detector, Thresholds
+from dede_rt.data.sources import Item, open_source
 from dede_rt.engines.base import BaseRunner
 from dede_rt.engines.registry import Deployment, make_runner
 from dede_rt.errors import UserError
 from dede_rt.scan.decode import DEFAULT_MAX_PIXELS, DecodePool
 from dede_rt.files import write_json_atomic
 from dede_rt.scan.output import ResultWriter, ScanResult, sidecar_paths, summarize_rows, write_histogram_png
-from dede_rt.scan.sources import Item, open_source
 
 DEFAULT_BATCH_SIZE = 64  # batches of 32-64 beat 256 on CPU (DESIGN.md)
 

@@ -5,6 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
+EXTRAS ?= cpu,dev,ray
 
 .PHONY: demo test install clean
 
@@ -15,7 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exact: the CPU build; anything looser pulls a CUDA wheel.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# cpu: ONNX export + ONNX Runtime (CPU wheel; never together with gpu's onnxruntime-gpu);
+	# dev: pytest, pyarrow, build, Triton's CPU interpreter; ray: the Ray Data tests.
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)

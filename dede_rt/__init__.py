@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 _EXPORTS = {
     "Detector": "dede_rt.bundle",
     "load_detector": "dede_rt.bundle",
@@ -23,6 +21,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    __version__: str
     from dede_rt.demo import run_demo
     from dede_rt.bundle import Detector, load_detector
     from dede_rt.metrics import detection_report
@@ -34,6 +33,12 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        # Resolved on first use (importlib.metadata), then cached as a plain module attribute.
+        from dede_rt._version import package_version
+
+        globals()["__version__"] = version = package_version()
+        return version
     if name in _EXPORTS:
         import importlib
 

@@ -38,7 +38,8 @@ class _Timing:
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    import onnxruntime as ort
+    import importlib.metadata as md
+
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -50,7 +51,12 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version()}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):  # same module, either wheel; neither without an extra
+        try:
+            info["onnxruntime"] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
     try:
         info["load_average_start"] = list(os.getloadavg())
     except OSError:
@@ -308,6 +314,9 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
                   plot_path: str | Path | None = None, log=print) -> dict:
     """Prepare the bundle (export + calibrate once), benchmark it and write the reports."""
     from dede_rt.data.demo import demo_dataset
+    from dede_rt.optional import require_onnx_export
+
+    require_onnx_export("dede-rt bench (it exports and calibrates the bundle)")
 
     images = demo_dataset(photo_count=400).images
     if bundle is not None:

@@ -12,13 +12,14 @@ import numpy as np
 
 from dede_rt.engines.base import BaseRunner
 from dede_rt.errors import UserError
+from dede_rt.optional import import_onnxruntime
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def default_providers(use_gpu: bool = True) -> list[str]:
     """Execution providers in preference order: TensorRT/CUDA EPs when built in, then CPU."""
-    import onnxruntime as ort
+    ort = import_onnxruntime("the onnxruntime backend")
 
     available = set(ort.get_available_providers())
     gpu = [p for p in GPU_PROVIDERS if use_gpu and p in available]
@@ -27,7 +28,7 @@ def default_providers(use_gpu: bool = True) -> list[str]:
 
 def session_options(threads: int = 0):  # -> ort.SessionOptions
     """Full graph optimisation; ``threads`` > 0 pins the intra-op pool size."""
-    import onnxruntime as ort
+    ort = import_onnxruntime("the onnxruntime backend")
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -50,7 +51,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session = None
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime("the onnxruntime backend")
 
         if not self.model_path.is_file():
             raise UserError(f"{self.model_path}: ONNX model missing (run `dede-rt export` / `dede-rt calibrate`)")

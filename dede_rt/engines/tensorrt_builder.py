@@ -113,6 +113,9 @@ def build_engine(bundle: str | Path, precision: str = "fp16", clean: np.ndarray 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise UserError(f"need 1 <= min <= opt <= max batch, got {min_batch}/{opt_batch}/{max_batch}")
     require_tensorrt()
+    from dede_rt.optional import require_onnx_export
+
+    require_onnx_export("a TensorRT engine (built from the exported ONNX graph)")
     import tensorrt as trt
 
     bundle = Path(bundle)

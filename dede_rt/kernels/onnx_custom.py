@@ -329,7 +329,9 @@ class CustomOpSession:
     """
 
     def __init__(self, model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        import onnxruntime as ort
+        from dede_rt.optional import import_onnxruntime
+
+        ort = import_onnxruntime("running a custom-op ONNX graph")
 
         self.nodes = custom_nodes(model)
         outputs = {o.name for o in model.graph.output}

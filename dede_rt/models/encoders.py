@@ -61,7 +61,9 @@ class OnnxBackbone(nn.Module):
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         super().__init__()
-        import onnxruntime as ort
+        from dede_rt.optional import import_onnxruntime
+
+        ort = import_onnxruntime("an ONNX encoder")
 
         opts = ort.SessionOptions()
         if threads:

@@ -118,13 +118,18 @@ class Scorer(nn.Module):
 
     def __init__(self, *, encoder: nn.Module, decoder: DeDeDecoder, normalization: Normalization,
                  mask_ratio: float = TEST_MASK_RATIO, mask_seed: int = MASK_SEED, kind: ScoreKind | None = None,
-                 uint8_input: bool = True, kernel: str = "torch", mask: TestMask | None = None) -> None:
+                 uint8_input: bool = True, kernel: str = "torch", mask: TestMask | None = None,
+                 folded: bool = False) -> None:
         super().__init__()
         self.normalization = normalization
         self.normalize = Normalize(normalization, uint8_input)
         self.encoder = encoder.eval()
         mask = mask if mask is not None else TestMask(decoder.config.num_patches, mask_ratio, mask_seed)
         self.tail = ScoreTail(decoder, mask, kind)
+        if folded and mask.keep == 0:  # exact: block 1's image-independent work precomputed (scoring.folded)
+            from dede_rt.scoring.folded import FoldedTail
+
+            self.tail = FoldedTail(decoder, mask, kind)
         self.kernel = kernel
         self._ops = kernel_ops(kernel)
         if self._ops is not None and not uint8_input:
@@ -132,12 +137,16 @@ class Scorer(nn.Module):
 
     @classmethod
     def from_detector(cls, detector: Detector, *, uint8_input: bool = True, kernel: str = "torch",
-                      exact: bool = True) -> Scorer:
-        """The scorer of a detector bundle; ``exact=False`` gives the export form of the score kind."""
+                      exact: bool = True, folded: bool = False) -> Scorer:
+        """The scorer of a detector bundle; ``exact=False`` gives the export form of the score kind.
+
+        ``folded``: with no visible test patch, the decoder's first block runs with its constants precomputed
+        (``scoring.folded.FoldedTail``; the same scores to float rounding): the exported test-time graphs use it.
+        """
         mask = TestMask(detector.decoder.config.num_patches, detector.test_mask_ratio, detector.mask_seed)
         kind = kind_class(detector.score_kind).for_detector(detector, mask.masked, exact)
         return cls(encoder=detector.encoder, decoder=detector.decoder, normalization=detector.normalization,
-                   kind=kind, uint8_input=uint8_input, kernel=kernel, mask=mask)
+                   kind=kind, uint8_input=uint8_input, kernel=kernel, mask=mask, folded=folded)
 
     @property
     def visible_patches(self) -> int:

@@ -6,7 +6,12 @@ is the combination measured fastest on x86 CPUs (signed activations gave no
 speed-up); LayerNorm, Softmax, GELU and the score tail (squared error and its
 sum) stay float, and so do the decoder head, whose output *is* the
 reconstruction the score is computed from, and the relative score's product
-with the prototype reconstructions. Ranges come from clean images
+with the prototype reconstructions. In the decoder only the weight GEMMs (QKV,
+output projection, MLP) are INT8: attention's activation-activation products
+(inside MultiHeadAttention after ``export.ort_fusions``, or QKᵀ/AV MatMuls) and
+the folded first block's constant products stay float (``activation_matmuls``),
+and a MatMul's output is not requantized (its consumers, LayerNorm/GELU/attention,
+are float), so ORT runs each GEMM as one MatMulIntegerToFloat. Ranges come from clean images
 (MinMax by default; Percentile/Entropy selectable). The Q/DQ form is what
 TensorRT's strongly typed networks consume too.
 
@@ -106,6 +111,18 @@ def score_tail(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return tail, ends
 
 
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes that are not weight GEMMs: their B operand is no rank-2 initializer.
+
+    In the decoder these are attention's QKᵀ and AV products (both operands activations) and the folded first
+    block's small products with its precomputed [H, ., .] constants: a few % of its FLOPs, but quantizing them
+    puts Q/DQ pairs and a QLinearSoftmax around every softmax (measured slower than float on ORT CPU) and
+    rounds the attention weights. They stay float; the weight GEMMs (QKV, output projection, MLP) are INT8.
+    """
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) != 2]
+
+
 def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """The tensors among ``names`` produced in the deeper half of the network (from the middle Conv's input on).
 
@@ -147,12 +164,15 @@ def _headroom_overrides(pre_path: Path, pre_model: onnx.ModelProto, reader: "Ima
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
-                  batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM) -> dict:
+                  batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM,
+                  decoder_rules: bool = True) -> dict:
     """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
 
     ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
     activation Q/DQ TensorRT accepts; the default uint8 activations are ORT CPU's fastest.
     ``headroom``: factor on the clean range of the deeper half's activations (1 = plain calibration).
+    ``decoder_rules`` (default): only weight GEMMs are quantized (``activation_matmuls`` stay float) and a
+    MatMul's output is not requantized (ONNX Runtime target only); False gives the rule before issue 23.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -173,6 +193,11 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     activation = QuantType.QInt8 if for_tensorrt else QuantType.QUInt8
     extra = {"CalibTensorRangeSymmetric": for_tensorrt, "ActivationSymmetric": for_tensorrt,
              "WeightSymmetric": True}
+    if decoder_rules and not for_tensorrt:
+        # A MatMul's float output (decoder GEMMs feed LayerNorm, GELU, attention: float ops) is not requantized:
+        # DQ -> MatMul without a Q after it runs as MatMulIntegerToFloat (bias fused), one kernel instead of
+        # QLinearMatMul + DequantizeLinear (measured faster on ORT CPU, and one rounding fewer).
+        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         # Shape inference + ORT graph optimisation first, as onnxruntime recommends before quantize_static.
@@ -180,6 +205,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         pre_model = onnx.load(str(pre))
         if not quantize_head:
             excluded = score_tail(pre_model)[1]  # the MatMuls ending the tail (head, prototype product) stay float
+        if decoder_rules and not for_tensorrt:  # TensorRT's Q/DQ placement is its builder's business
+            excluded += [n for n in activation_matmuls(pre_model) if n not in excluded]
         reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
         if headroom != 1.0:
             extra["TensorQuantOverrides"] = _headroom_overrides(pre, pre_model, reader, methods[method], headroom,
@@ -193,7 +220,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     ops = [n.op_type for n in q.graph.node]
     return {"method": method, "per_channel": per_channel, "activations": "int8 symmetric" if for_tensorrt else "uint8",
             "weights": "int8 symmetric", "target": "tensorrt" if for_tensorrt else "onnxruntime-cpu",
-            "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded,
+            "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded, "decoder_rules": decoder_rules,
             "calibration_images": int(len(calibration_images)), "headroom": headroom,
             "headroom_tensors": len(extra.get("TensorQuantOverrides", {})),
             "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops)}

@@ -34,6 +34,7 @@ from torch import nn
 
 from dede_rt.bundle import Detector, Gate, PrecisionEntry, edit_manifest, fingerprint, load_detector
 from dede_rt.errors import UserError
+from dede_rt.export.ort_fusions import optimize_for_onnxruntime
 from dede_rt.models.encoders import sha256_file
 from dede_rt.scoring import Normalize, Scorer
 
@@ -160,7 +161,8 @@ def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path:
     with torch.no_grad():
         z = det.encoder(x)
     # Exported graphs use the score kinds' float32 form (no float64 on TensorRT); verify_parity checks it.
-    fused_u8 = Scorer.from_detector(det, exact=False)
+    # folded: with no visible test patch, decoder block 1's image-independent work is precomputed (exact).
+    fused_u8 = Scorer.from_detector(det, exact=False, folded=True)
     score = fused_u8.tail
     used = {}
     if "decoder" in wanted or det.encoder_info["format"] == "onnx":
@@ -184,11 +186,17 @@ def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path:
         if "encoder" in wanted:
             used["encoder"] = _export_module(det.encoder, (x,), out / "encoder.onnx", ["images"], ["embedding"], exporter)
         used["detector"] = _export_module(fused_u8, (u8,), out / "detector.onnx", ["images"], ["scores"], exporter)
-        fused_f = Scorer.from_detector(det, uint8_input=False, exact=False)
+        fused_f = Scorer.from_detector(det, uint8_input=False, exact=False, folded=True)
         pixels = u8.permute(0, 3, 1, 2).float() / 255.0
         if "detector_nchw" in wanted:
             used["detector_nchw"] = _export_module(fused_f, (pixels,), out / "detector_nchw.onnx", ["images"], ["scores"],
                                                    exporter)
+    # detector.onnx is ONNX Runtime's graph: its transformer fusions (contrib ops; TensorRT reads detector_nchw).
+    cfg = det.decoder.config
+    try:
+        ort_fusions = optimize_for_onnxruntime(out / "detector.onnx", out / "detector.onnx", cfg.heads, cfg.dim)
+    except Exception as exc:  # an optimisation only: the plain graph scores the same
+        ort_fusions = {"fusions": {}, "error": str(exc).splitlines()[0][:200]}
     graphs = {}
     for name in ALL_GRAPHS:
         path = out / f"{name}.onnx"
@@ -203,6 +211,7 @@ def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path:
     record = {"graphs": graphs, "torch": torch.__version__, "onnx": onnx.__version__,
               "test_mask_ratio": det.test_mask_ratio, "mask_seed": det.mask_seed,
               "visible_patches": fused_u8.visible_patches, "score_kind": det.score_kind,
+              "decoder_folded": fused_u8.visible_patches == 0, "onnxruntime_fusions": ort_fusions["fusions"],
               **({"relative_k": det.relative_k} if det.relative is not None else {}),
               "source": fingerprint(bundle)}
     if verify:

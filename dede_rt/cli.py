@@ -374,9 +374,31 @@ def scan(
     score_kernel: str = typer.Option("torch", help="torch backend's mask-and-score tail: torch (plain ops), triton "
                                      "(fused kernel, CUDA) or reference (the fused op in torch)."),
     quiet: bool = typer.Option(False, help="No progress bar or log lines."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="auto|ADDRESS",
+                                      help="Scan on a Ray cluster (needs dede-rt[ray]): auto (the cluster `ray start` "
+                                      "made here, $RAY_ADDRESS, else a local one) or its address. --output is then a "
+                                      "directory of Parquet parts."),
+    ray_actors: Optional[str] = typer.Option(None, help="--ray: scoring actors, N or MIN-MAX (default: one per GPU, "
+                                             "else autoscaled over the CPUs)."),
+    ray_partition_size: Optional[int] = typer.Option(None, help="--ray: inputs per partition (the unit of resume)."),
 ) -> None:
     """Scan a dataset and flag images that carry a backdoor trigger (one row per input)."""
     from dede_rt.scan.pipeline import run_scan
+
+    if ray is not None:
+        if output is None or limit is not None or workers is not None or pool != "thread":
+            raise UserError("--ray needs --output DIR and takes no --limit/--workers/--pool (decoding runs as Ray tasks)")
+        from dede_rt.scan.distributed import require_ray
+        from dede_rt.scan.distributed import run as run_distributed
+
+        require_ray()
+
+        # The same call, error handling and report as a local scan, served by the distributed one.
+        def run_scan(source, detector, output, *, resume, progress, log, **options):  # noqa: F811
+            return run_distributed(source, detector, output, address=ray, resume=resume, progress=progress, log=log,
+                                   actors=ray_actors, partition_size=ray_partition_size,
+                                   **{k: v for k, v in options.items() if k not in ("limit", "on_batch", "workers",
+                                                                                     "pool")})
 
     def log(text: str) -> None:
         if not quiet:
@@ -403,6 +425,9 @@ def scan(
         raise typer.Exit(EXIT_USAGE) from None
     c, run = summary["counts"], summary["this_run"]
     where = f"; rows in {output}, summary in {summary['summary_json']}" if output else ""
+    if summary.get("status") == "incomplete":  # --ray with max failed partitions: not a finished scan
+        typer.echo(f"error: {summary['ray']['incomplete']} partitions failed; rerun with --resume{where}", err=True)
+        raise typer.Exit(EXIT_USAGE)
     typer.echo(f"{c['inputs']} inputs: {c['flagged']} flagged, {c['scored'] - c['flagged']} clean, {c['errors']} errors "
                f"(threshold {summary['threshold']:.6g}; {summary['backend']} {summary['precision']}; "
                f"{run['images_per_second']:.0f} img/s){where}")

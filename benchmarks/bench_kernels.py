@@ -3,7 +3,7 @@
 Section ``kernels`` (same inputs for every implementation, batch 256 by default):
   shapes 32x32/p4 and 224x224/p16, decoder width 192. Two ops:
   - tail: (uint8 images, reconstruction [N,T,3p²]) -> scores. Baseline: the eager op chain
-    ``score_batch`` runs (Normalization.apply, patchify_images, masked_sse).
+    ``Scorer(kernel="torch")`` runs (Normalization.apply, patchify_images, masked_sse).
   - head+tail: (uint8 images, last hidden state [N,T,192], head Linear) -> scores. Baseline:
     eager ``head`` Linear followed by the same chain.
   Implementations: eager chain (baseline), dede_rt reference ops, torch.compile of the chain,
@@ -11,7 +11,8 @@ Section ``kernels`` (same inputs for every implementation, batch 256 by default)
   Every implementation's scores are checked against the baseline (max relative error).
 
 Section ``e2e``: whole-batch scoring with a ResNet18 victim and the reference decoder (32 px/p4):
-``score_batch`` vs ``fused_score_batch`` (Triton, head fused, on CUDA; the reference op on CPU).
+``Scorer(kernel="torch")`` vs ``Scorer(kernel="triton")`` (head fused, on CUDA; ``kernel="reference"``, the
+same fused op in torch, on CPU).
 
 Section ``cpu-tail``: a fused uint8 detector graph (CIFAR ResNet18 victim + reference decoder
 12+4, dim 192, patch 4, test path), exported with torch.onnx and run on ONNX Runtime CPU with
@@ -49,14 +50,14 @@ SHAPES = [(32, 4), (224, 16)]
 
 
 def chain(images: torch.Tensor, recon: torch.Tensor, norm: Normalization, patch: int) -> torch.Tensor:
-    """The eager op chain of ``score_batch`` after the decoder (all patches masked)."""
+    """The eager op chain of ``Scorer(kernel="torch")`` after the decoder (all patches masked)."""
     x = norm.apply(images)
     masked = torch.ones(recon.shape[:2], dtype=torch.bool, device=recon.device)
     return masked_sse(recon, patchify_images(x, patch), masked)
 
 
 def head_chain(images, hidden, weight, bias, norm, patch):  # noqa: ANN001, ANN201
-    """Eager head Linear + the chain: what ``score_batch`` does after the last decoder block."""
+    """Eager head Linear + the chain: what ``Scorer(kernel="torch")`` does after the last decoder block."""
     return chain(images, F.linear(hidden, weight, bias), norm, patch)
 
 
@@ -257,14 +258,11 @@ def bench_cpu_tail(batch: int, repeats: int, threads: int) -> dict:
 
 
 def bench_e2e(batch: int, repeats: int, device: str) -> list[dict]:
-    """Whole-batch scoring (ResNet18 + reference decoder, 32 px/p4): ``score_batch`` vs ``fused_score_batch``.
-
-    The fused path is Triton on CUDA, the chunked reference op on CPU (where no kernel is expected to help).
-    """
-    from dede_rt.kernels.fused import fused_score_batch
+    """Whole-batch scoring (ResNet18 + reference decoder, 32 px/p4): ``Scorer`` with the plain-op tail vs the
+    fused mask-and-score kernel (Triton on CUDA, the chunked reference op on CPU, where no kernel should help)."""
     from dede_rt.models.encoders import VictimEncoder
     from dede_rt.models.resnet import build_resnet
-    from dede_rt.scoring import score_batch
+    from dede_rt.scoring import Scorer
 
     torch.manual_seed(0)
     norm = Normalization()
@@ -273,17 +271,18 @@ def bench_e2e(batch: int, repeats: int, device: str) -> list[dict]:
     images = torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     kernel = "triton" if device == "cuda" else "reference"
+    plain = Scorer(encoder=encoder, decoder=decoder, normalization=norm).to(device).eval()
+    fused = Scorer(encoder=encoder, decoder=decoder, normalization=norm, kernel=kernel).to(device).eval()
     with torch.no_grad():
-        expected = score_batch(encoder, decoder, norm, images)
-        runs = {"score_batch": lambda: score_batch(encoder, decoder, norm, images),
-                f"fused_score_batch[{kernel}]": lambda: fused_score_batch(encoder, decoder, norm, images, kernel=kernel)}
+        expected = plain(images)
+        runs = {"Scorer[torch]": lambda: plain(images), f"Scorer[{kernel}]": lambda: fused(images)}
         rows, base = [], None
         for name, fn in runs.items():
             err = float((fn() - expected).abs().max() / expected.abs().max())
             stats = timeit(fn, sync, repeats, warmup=1)
             base = base or stats["median_s"]
             rows.append({"impl": name, "device": device, "batch": batch, **stats, "images_per_s": batch / stats["median_s"],
-                         "speedup_vs_score_batch": base / stats["median_s"], "max_rel_err": err})
+                         "speedup_vs_plain_tail": base / stats["median_s"], "max_rel_err": err})
             print(f"e2e {name:>28}: {stats['median_s'] * 1e3:9.1f} ms  {batch / stats['median_s']:8.0f} img/s "
                   f"x{base / stats['median_s']:.3f} err {err:.1e}", flush=True)
     return rows

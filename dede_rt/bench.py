@@ -24,6 +24,8 @@ import numpy as np
 from dede_rt.errors import UserError
 
 BASELINE = ("torch", "fp32", 256)
+# A variant is (backend, precision) or (backend, precision, option): option = the torch backend's score kernel
+# ("torch", "reference", "triton") or a TensorRT engine's score tail ("standard", "plugin").
 DEFAULT_BATCHES = (1, 32, 64, 256)
 DEFAULT_VARIANTS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "fp16"),
                     ("tensorrt", "fp16"), ("tensorrt", "int8"))
@@ -132,6 +134,53 @@ def _row(backend: str, precision: str, batch: int, t: _Timing, device: str) -> d
     return row
 
 
+def expand_variants(variants: tuple[tuple[str, ...], ...], score_kernels: tuple[str, ...] = (),
+                    score_tails: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
+    """``variants`` plus, next to each torch (TensorRT) one, a copy per extra score kernel (score tail)."""
+    kernels, tails = ("torch", "reference", "triton"), ("standard", "plugin")  # scoring.SCORE_KERNELS, SCORE_TAILS
+    for v in variants:
+        if len(v) == 3 and v[2] not in {"torch": kernels, "tensorrt": tails}.get(v[0], ()):
+            raise UserError(f"variant {':'.join(v)}: the third part is a torch score kernel ({', '.join(kernels)}) "
+                            f"or a tensorrt score tail ({', '.join(tails)})")
+    for name, values, known in (("--score-kernel", score_kernels, kernels), ("--score-tail", score_tails, tails)):
+        bad = [x for x in values if x not in known]
+        if bad:
+            raise UserError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    out: list[tuple[str, ...]] = []
+    for v in variants:
+        out.append(tuple(v))
+        extra = score_kernels if v[0] == "torch" else score_tails if v[0] == "tensorrt" else ()
+        default = "torch" if v[0] == "torch" else None  # a TensorRT row's own tail is what its engine has
+        out += [(v[0], v[1], o) for o in extra if len(v) == 2 and o != default and (v[0], v[1], o) not in out]
+    return tuple(dict.fromkeys(out))
+
+
+def _variant_runner(bundle: Path, key: tuple[str, ...], batch_size: int, threads: int, log):  # noqa: ANN202
+    """The runner of one variant: ``make_runner`` for (backend, precision[, score kernel]); a TensorRT engine of
+    the asked score tail (``ensure_engine``: the recorded one when it matches, else a variant built once)."""
+    from dede_rt.engines.registry import make_runner
+
+    if len(key) == 3 and key[0] == "tensorrt":
+        from dede_rt.bundle import read_manifest
+        from dede_rt.engines.tensorrt_builder import ensure_engine
+        from dede_rt.engines.tensorrt_runner import TensorRTRunner
+
+        engine = ensure_engine(bundle, key[1], key[2], max_batch=batch_size, log=log)
+        return TensorRTRunner(engine, read_manifest(bundle).image_size, key[1], batch_size=batch_size)
+    kernel = {"score_kernel": key[2]} if len(key) == 3 else {}
+    return make_runner(bundle, key[0], key[1], batch_size=batch_size, threads=threads, **kernel)
+
+
+def _variant_fields(key: tuple[str, ...], runner) -> dict:  # noqa: ANN001
+    """A row's score kernel (torch rows) or score tail (TensorRT rows: from the engine's manifest)."""
+    if key[0] == "torch":
+        return {"score_kernel": key[2] if len(key) == 3 else "torch"}
+    if key[0] == "tensorrt":
+        manifest = getattr(getattr(runner, "runner", runner), "manifest", None) or {}
+        return {"score_tail": key[2] if len(key) == 3 else manifest.get("score_tail", {}).get("used", "standard")}
+    return {}
+
+
 def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ...] = DEFAULT_BATCHES,
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, record: bool = True, log=print) -> dict:
@@ -152,20 +201,22 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
                    seconds: float, rounds: int, threads: int, record: bool, log) -> dict:
     from dede_rt.bundle import edit_manifest, read_manifest
     from dede_rt.engines.comparator import compare_scores, run_batched
-    from dede_rt.engines.registry import device_kind, make_runner
+    from dede_rt.engines.registry import device_kind
 
     if len(images) < max(batches):
         reps = -(-max(batches) // len(images))
         images = np.concatenate([images] * reps)
     runners, skipped = {}, {}
-    for backend, precision in variants:
+    for variant in variants:
+        key = tuple(variant)
         try:
-            runner = make_runner(bundle, backend, precision, batch_size=max(batches), threads=threads)
+            runner = _variant_runner(bundle, key, max(batches), threads, log)
             runner.activate()
-            runners[(backend, precision)] = runner
+            runners[key] = runner
         except UserError as exc:
-            skipped[f"{backend}:{precision}"] = str(exc)
-            log(f"skip {backend} {precision}: {exc}")
+            skipped[":".join(key)] = str(exc)
+            log(f"skip {' '.join(key)}: {exc}")
+
     if ("torch", "fp32") not in runners:
         raise UserError("the torch fp32 baseline could not be loaded")
     # Score agreement with torch on the same images (first 512), before timing.
@@ -186,7 +237,8 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
     rows = []
     gates = read_manifest(bundle).deployment.precisions
     for (key, batch), t in timings.items():
-        row = _row(*key, batch, t, runners[key].device)
+        row = _row(key[0], key[1], batch, t, runners[key].device)
+        row.update(_variant_fields(key, runners[key]))
         row.update(agreement[key])
         entry = gates.get(key[1]) if key[0] == "onnxruntime" else None
         if entry is not None and entry.gate.mode != "reference":
@@ -203,7 +255,8 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
         row["speedup_vs_baseline"] = row["throughput"] / base["throughput"]
     best: dict[str, dict] = {}
     for row in rows:
-        k = f"{row['backend']}:{row['precision']}"
+        k = ":".join([row["backend"], row["precision"]] + [row[f] for f in ("score_kernel", "score_tail")
+                                                           if row.get(f) not in (None, "torch", "standard")])
         if k not in best or row["throughput"] > best[k]["throughput"]:
             best[k] = {"throughput": row["throughput"], "batch": row["batch"], "device": kind,
                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -221,13 +274,19 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
             "images": int(len(images)), "bundle": str(bundle), "best": best}
 
 
+def _option(row: dict) -> str:
+    """A row's score kernel / score tail, for its label ("" for the defaults: torch ops, a standard-op engine)."""
+    value = row.get("score_kernel") or row.get("score_tail") or ""
+    return "" if value in ("torch", "standard") else value
+
+
 def markdown_table(result: dict) -> str:
     """The rows as a Markdown table (throughput, speed-up, latency percentiles, agreement)."""
     head = ("| backend | precision | batch | img/s | x baseline | mean ms | median ms | p90 ms | p95 ms | p99 ms "
             "| Spearman vs torch | max rel diff |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
-    for r in sorted(result["rows"], key=lambda r: (r["backend"], r["precision"], r["batch"])):
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['throughput']:.1f} | "
+    for r in sorted(result["rows"], key=lambda r: (r["backend"], r["precision"], _option(r), r["batch"])):
+        lines.append(f"| {r['backend']} | {r['precision']}{f' ({_option(r)})' if _option(r) else ''} | {r['batch']} | {r['throughput']:.1f} | "
                      f"{r['speedup_vs_baseline']:.2f} | {r['latency_mean_ms']:.2f} | {r['latency_median_ms']:.2f} | "
                      f"{r['latency_p90_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
                      f"{r['spearman_vs_torch']:.5f} | {r['max_rel_diff_vs_torch']:.2e} |")
@@ -248,14 +307,15 @@ def bar_chart(result: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    variants = sorted({(r["backend"], r["precision"]) for r in rows})
+    variants = sorted({(r["backend"], r["precision"], _option(r)) for r in rows})
     batches = sorted({r["batch"] for r in rows})
     width = 0.8 / max(len(variants), 1)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(batches), 4))
     for i, v in enumerate(variants):
-        ys = [next((r["throughput"] for r in rows if (r["backend"], r["precision"], r["batch"]) == (*v, b)), 0.0)
-              for b in batches]
-        ax.bar(np.arange(len(batches)) + i * width - 0.4 + width / 2, ys, width, label=f"{v[0]} {v[1]}")
+        ys = [next((r["throughput"] for r in rows if (r["backend"], r["precision"], _option(r), r["batch"]) == (*v, b)),
+                   0.0) for b in batches]
+        ax.bar(np.arange(len(batches)) + i * width - 0.4 + width / 2, ys, width,
+               label=f"{v[0]} {v[1]}" + (f" ({v[2]})" if v[2] else ""))
     ax.axhline(result["baseline"]["throughput"], color="k", lw=0.8, ls="--", label="baseline (torch eager b256)")
     ax.set_xticks(np.arange(len(batches)), [str(b) for b in batches])
     ax.set_xlabel("batch size")
@@ -311,8 +371,14 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
 def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tuple[int, ...] = DEFAULT_BATCHES,
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
-                  plot_path: str | Path | None = None, log=print) -> dict:
-    """Prepare the bundle (export + calibrate once), benchmark it and write the reports."""
+                  plot_path: str | Path | None = None, score_kernels: tuple[str, ...] = (),
+                  score_tails: tuple[str, ...] = (), log=print) -> dict:
+    """Prepare the bundle (export + calibrate once), benchmark it and write the reports.
+
+    ``score_kernels`` / ``score_tails``: extra rows next to each torch / TensorRT variant with that score kernel
+    (e.g. "triton") / engine score tail (e.g. "plugin"), so both forms are measured side by side.
+    """
+
     from dede_rt.data.demo import demo_dataset
     from dede_rt.optional import require_onnx_export
 
@@ -326,8 +392,10 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
         size = read_manifest(bundle).image_size
         if size != images.shape[1]:
             images = resize_set(ImageSet(images), size).images
-    path = prepare_bundle(bundle, workdir, images, tuple(p for b, p in variants if b == "onnxruntime" and p != "fp32"),
-                          log=log)
+    expanded = expand_variants(variants, score_kernels, score_tails)  # a bad kernel/tail fails before any work
+    calibrate = tuple(v[1] for v in variants if v[0] == "onnxruntime" and v[1] != "fp32")
+    path = prepare_bundle(bundle, workdir, images, calibrate, log=log)
+    variants = expanded
     result = run_benchmark(path, images, batches, variants, seconds, rounds, threads, log=log)
     write_reports(result, json_path, markdown_path, plot_path)
     return result

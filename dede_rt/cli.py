@@ -311,16 +311,19 @@ def build_engine_cmd(
     data: Optional[Path] = typer.Option(None, help="Clean images: INT8 calibration and the engine's quality gate."),
     min_batch: int = typer.Option(1), opt_batch: int = typer.Option(64), max_batch: int = typer.Option(256),
     workspace_gib: float = typer.Option(4.0, help="Builder workspace limit."),
+    score_tail: str = typer.Option("auto", help="plugin (the fused mask-and-score TensorRT plugin, one node) | "
+                                   "standard (plain ops) | auto (plugin where tensorrt.plugin and triton are usable "
+                                   "and the score kind has a fused kernel; the manifest records why)."),
 ) -> None:
     """Build a TensorRT engine (needs TensorRT >= 10 and an NVIDIA GPU) into DETECTOR/trt/."""
     from dede_rt.engines.tensorrt_builder import build_engine_paths
 
     entry = build_engine_paths(detector, precision, data, min_batch, opt_batch, max_batch, workspace_gib,
-                               log=lambda m: typer.echo(m, err=True))
+                               log=lambda m: typer.echo(m, err=True), score_tail=score_tail)
     m = entry["manifest"]
     typer.echo(f"{entry['path']}: TensorRT {m['tensorrt']} on {m['gpu']} (sm {m['compute_capability']}), "
                f"{m['precision']}, batch {m['profile']['min']}-{m['profile']['max']}, built in {m['build_seconds']} s; "
-               f"gate: {entry['gate']['summary']}")
+               f"score tail {m['score_tail']['used']}; gate: {entry['gate']['summary']}")
 
 
 @app.command()
@@ -337,15 +340,21 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows (backend, precision, batch, throughput, latency_*) as JSON."),
     markdown: Optional[Path] = typer.Option(None, help="Write the Markdown table."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart."),
+    score_kernel: str = typer.Option("", help="Also measure each torch variant with these mask-and-score kernels, "
+                                     "as rows next to the plain-op ones: triton (CUDA), reference (comma-separated)."),
+    score_tail: str = typer.Option("", help="Also measure each TensorRT variant with an engine of these score tails, "
+                                   "as rows next to the recorded engine's: plugin, standard (comma-separated; "
+                                   "missing engines are built once under DETECTOR/trt/variants/)."),
 ) -> None:
     """Throughput/latency of torch, ONNX Runtime (FP32/INT8/FP16) and TensorRT across batch sizes (trtexec terms)."""
     from dede_rt.bench import bench_command, markdown_table
 
-    variants = tuple(tuple(v.split(":", 1)) for v in _csv(backends))
-    if any(len(v) != 2 for v in variants):
-        raise UserError(f"--backends takes backend:precision pairs, got {backends!r}")
+    variants = tuple(tuple(v.split(":")) for v in _csv(backends))
+    if any(len(v) not in (2, 3) for v in variants):
+        raise UserError(f"--backends takes backend:precision[:kernel-or-tail] items, got {backends!r}")
     result = bench_command(detector, workdir, batches=_csv(batch_sizes, int), variants=variants, seconds=seconds,
                            rounds=rounds, threads=threads, json_path=json_out, markdown_path=markdown, plot_path=plot,
+                           score_kernels=tuple(_csv(score_kernel)), score_tails=tuple(_csv(score_tail)),
                            log=lambda m: typer.echo(m, err=True))
     typer.echo(markdown_table(result))
 

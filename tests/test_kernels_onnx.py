@@ -157,3 +157,37 @@ def test_fuse_with_token_weight_and_errors(fused_graph, rng):
         oc.fuse_score_tail(model, "images", "scores", w + 1, b, MEAN, STD, 4, 32)
     with pytest.raises(ValueError, match="token_weight"):
         oc.fuse_score_tail(model, "images", "scores", w, b, MEAN, STD, 4, 32, token_weight=np.ones(10))
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_float_nchw_layout_node_and_lowering(head, rng):
+    """``layout="nchw_unit"`` (the TensorRT engines' float [0, 1] NCHW input): same scores as the uint8 NHWC node."""
+    size, patch, n, dim = 32, 4, 3, 24
+    tokens, width = (size // patch) ** 2, 3 * patch * patch
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    pixels = (images.transpose(0, 3, 1, 2) / np.float32(255.0)).astype(np.float32)
+    tw = (rng.random(tokens) > 0.3).astype(np.float32)
+    weight = (rng.standard_normal((width, dim)) / 5).astype(np.float32)
+    bias = rng.standard_normal(width).astype(np.float32)
+    src = rng.standard_normal((n, tokens, dim if head else width)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, size, size]),
+              helper.make_tensor_value_info("src", TensorProto.FLOAT, ["N", tokens, src.shape[2]])]
+    inits = [numpy_helper.from_array(a, name) for a, name in ((tw, "tw"), (weight, "w"), (bias, "b"))]
+    args = (MEAN, STD, patch, size)
+    node = (oc.mask_and_score_head_node("images", "src", "w", "b", "tw", "scores", *args, layout="nchw_unit") if head
+            else oc.mask_and_score_node("images", "src", "tw", "scores", *args, layout="nchw_unit"))
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N"])
+    graph = helper.make_graph([node], "tail", inputs, [scores], inits if head else inits[:1])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(oc.DOMAIN, 1)])
+    onnx.checker.check_model(model, full_check=True)
+    kw = dict(head_dim=dim, weight=weight, bias=bias) if head else {}
+    uint8 = _tail_model(size, patch, False, token_weight=tw, **kw)
+    expected = _ort(uint8, {"images": images, "src": src})
+    feeds = {"images": pixels, "src": src}
+    lowered = oc.lower_custom_nodes(model)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert not any(n.op_type == "Cast" for n in lowered.graph.node)  # float pixels: no uint8 cast, no /255
+    for got in (_ort(lowered, feeds), oc.CustomOpSession(model).run(feeds)[0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="layout"):
+        oc.mask_and_score_node("images", "src", "tw", "scores", *args, layout="nhwc_float")

@@ -156,3 +156,37 @@ def test_every_autotune_config_is_correct():
         config = {**cfg.kwargs, "num_warps": cfg.num_warps}
         _close(expected_head, tk.mask_and_score_head(*_dev(images, hidden, weight, bias, mask), MEAN, STD, 4,
                                                      config=config))
+
+
+@pytest.mark.parametrize("size,patch,mask_kind", [(32, 4, "none"), (32, 8, "random"), (224, 32, "random")])
+def test_float_nchw_pixels_like_uint8(size, patch, mask_kind):
+    """The TensorRT engines' pixel input (float32 NCHW in [0, 1]) scores like the same uint8 NHWC images."""
+    images, recon, hidden, weight, bias = _inputs(2, size, patch, seed=7)
+    pixels = images.permute(0, 3, 1, 2).float() / 255.0
+    mask = _masks(mask_kind, 2, recon.shape[1])
+    assert ref.pixel_layout(pixels) == "nchw_unit" and ref.pixel_layout(images) == "nhwc_uint8"
+    expected = ref.mask_and_score(images, recon, mask, MEAN, STD, patch)
+    _close(expected, ref.mask_and_score(pixels, recon, mask, MEAN, STD, patch))
+    _close(expected, tk.mask_and_score(*_dev(pixels, recon, mask), MEAN, STD, patch))
+    expected_head = ref.mask_and_score_head(images, hidden, weight, bias, mask, MEAN, STD, patch)
+    _close(expected_head, ref.mask_and_score_head(pixels, hidden, weight, bias, mask, MEAN, STD, patch))
+    _close(expected_head, tk.mask_and_score_head(*_dev(pixels, hidden, weight, bias, mask), MEAN, STD, patch))
+    with pytest.raises(ValueError, match="uint8 \\[N, H, W, 3\\] or float32"):
+        tk.mask_and_score(*_dev(pixels.permute(0, 2, 3, 1), recon), None, MEAN, STD, patch)  # float NHWC
+
+
+def test_make_runner_reaches_the_triton_kernel(tiny_detector_dir, demo_images):
+    """``make_runner(..., score_kernel="triton")`` (what `dede-rt scan --score-kernel triton` calls) scores with it."""
+    from dede_rt.bundle import load_detector
+    from dede_rt.engines.registry import make_runner
+    from dede_rt.errors import UserError
+
+    batch = demo_images.images[200:205]
+    expected = load_detector(tiny_detector_dir).score(batch)
+    with make_runner(tiny_detector_dir, "auto", device=DEVICE, score_kernel="triton") as deployment:
+        assert deployment.backend == "torch" and deployment.runner.name.endswith("-triton")
+        assert deployment.runner.scorer.kernel == "triton"
+        got = deployment.infer(batch)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    with pytest.raises(UserError, match="torch backend"):
+        make_runner(tiny_detector_dir, "onnxruntime", "fp32", score_kernel="triton")

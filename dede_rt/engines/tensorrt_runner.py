@@ -73,6 +73,27 @@ def read_engine_manifest(engine_path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def register_engine_plugins(manifest: dict, engine_path: str | Path = "engine") -> bool:
+    """Register the mask-and-score plugins before deserializing an engine whose manifest says it uses them.
+
+    An AOT engine carries its kernels and needs no Python plugin, so registering is only attempted (and a
+    failure is then harmless); a JIT engine cannot run without it. Returns whether the plugins are registered.
+    """
+    tail = manifest.get("score_tail", {})
+    if tail.get("used") != "plugin":
+        return False
+    from dede_rt.kernels.trt_plugin import plugin_status, register_plugins
+
+    ok, why, _ = plugin_status()
+    if ok:
+        register_plugins()
+        return True
+    if not tail.get("aot", False):
+        raise UserError(f"{engine_path}: built with the Python (JIT) mask-and-score plugin, unavailable here ({why}); "
+                        "rebuild with `dede-rt build-engine --score-tail standard` or install triton")
+    return False
+
+
 class TensorRTRunner(BaseRunner):
     """Scores uint8 NHWC batches with a serialized TensorRT engine on CUDA."""
 
@@ -97,6 +118,7 @@ class TensorRTRunner(BaseRunner):
         if not ok:
             raise IntegrityError(f"{self.engine_path}: {why}")
         self.manifest = manifest
+        register_engine_plugins(manifest, self.engine_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())

@@ -2,7 +2,8 @@
 
 - ``reference``: plain-torch definition every other implementation is tested against.
 - ``triton_score``: Triton kernels (CUDA; CPU via ``TRITON_INTERPRET=1`` in tests).
-- ``fused``: scoring a batch with a detector through one of those back ends.
+- Product path: ``Scorer(kernel="triton"|"reference")`` (``dede-rt scan/bench --score-kernel``) and TensorRT
+  engines built with ``dede-rt build-engine --score-tail plugin`` (``engines.tensorrt_builder``).
 - ``onnx_custom``: the ``dede_rt::MaskAndScore`` custom ONNX node, its standard-op lowering, ORT evaluation.
 - ``trt_plugin``: TensorRT plugins for the custom nodes (``tensorrt.plugin``, Triton AOT).
 

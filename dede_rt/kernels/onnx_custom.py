@@ -3,21 +3,23 @@
 Custom ops (domain ``com.dede_rt``, opset version 1), one output ``scores`` float32 [N]:
 
 ``MaskAndScore(images, recon, token_weight)``
-    images uint8 [N, H, W, 3] (the graph's raw pixel input), recon float32 [N, T, 3p²]
+    images: the graph's raw pixel input, uint8 [N, H, W, 3] (``layout`` "nhwc_uint8") or float32
+    [N, 3, H, W] in [0, 1] (``layout`` "nchw_unit", the TensorRT engines' input), recon float32 [N, T, 3p²]
     (decoder head output, (c, p1, p2) order), token_weight float32 [T] (1 = masked patch,
     counted; 0 = visible, ignored; shared by the batch, as at test time).
 ``MaskAndScoreHead(images, hidden, head_weight, head_bias, token_weight)``
     hidden float32 [N, T, dim] (last decoder block, cls slot dropped), head_weight [3p², dim],
     head_bias [3p²]; the head Linear is fused into the score.
 
-Attributes (both ops): ``mean``, ``std`` (floats, 3 each: target = (u8/255 − mean)/std per
-channel), ``patch_size`` (int), ``image_size`` (int, H = W), and for TensorRT's ONNX parser
+Attributes (both ops): ``mean``, ``std`` (floats, 3 each: target = (x − mean)/std per channel,
+x = u8/255 or the [0, 1] pixels), ``patch_size`` (int), ``image_size`` (int, H = W), ``layout``
+(string, see above; absent = "nhwc_uint8"), and for TensorRT's ONNX parser
 ``plugin_namespace`` = "dede_rt" (the node's op type is the plugin name) and ``aot`` (int,
 1 = use the ahead-of-time Triton kernel baked into the engine, 0 = the Python JIT impl).
 
-``fuse_score_tail`` rewrites a fused uint8 detector graph (images -> scores) to end in one
-such node; ``lower_custom_nodes`` turns the nodes back into standard ops (what runs where
-the plugin is not available); ``CustomOpSession`` runs a graph with custom nodes on ONNX
+``fuse_score_tail`` rewrites a fused detector graph (uint8 or float NCHW images -> scores) to end
+in one such node (the TensorRT builder's ``--score-tail plugin``); ``lower_custom_nodes`` turns
+the nodes back into standard ops (what runs where the plugin is not available); ``CustomOpSession`` runs a graph with custom nodes on ONNX
 Runtime, evaluating the nodes with the reference op.
 """
 
@@ -37,53 +39,70 @@ OP_HEAD = "MaskAndScoreHead"
 CUSTOM_OPS = (OP_SCORE, OP_HEAD)
 
 
-def _attrs(mean: Sequence[float], std: Sequence[float], patch: int, image_size: int, aot: bool) -> dict:
+LAYOUTS = ("nhwc_uint8", "nchw_unit")  # the two pixel inputs (reference.LAYOUTS)
+
+
+def _attrs(mean: Sequence[float], std: Sequence[float], patch: int, image_size: int, aot: bool,
+           layout: str) -> dict:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pixel layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "patch_size": int(patch),
-            "image_size": int(image_size), "plugin_namespace": PLUGIN_NAMESPACE, "aot": int(aot)}
+            "image_size": int(image_size), "layout": layout, "plugin_namespace": PLUGIN_NAMESPACE, "aot": int(aot)}
 
 
 def mask_and_score_node(images: str, recon: str, token_weight: str, scores: str, mean: Sequence[float],
                         std: Sequence[float], patch: int, image_size: int, name: str = "mask_and_score",
-                        aot: bool = True) -> onnx.NodeProto:
+                        aot: bool = True, layout: str = "nhwc_uint8") -> onnx.NodeProto:
     """A ``com.dede_rt::MaskAndScore`` node."""
     return helper.make_node(OP_SCORE, [images, recon, token_weight], [scores], name=name, domain=DOMAIN,
-                            **_attrs(mean, std, patch, image_size, aot))
+                            **_attrs(mean, std, patch, image_size, aot, layout))
 
 
 def mask_and_score_head_node(images: str, hidden: str, weight: str, bias: str, token_weight: str, scores: str,
                              mean: Sequence[float], std: Sequence[float], patch: int, image_size: int,
-                             name: str = "mask_and_score_head", aot: bool = True) -> onnx.NodeProto:
+                             name: str = "mask_and_score_head", aot: bool = True,
+                             layout: str = "nhwc_uint8") -> onnx.NodeProto:
     """A ``com.dede_rt::MaskAndScoreHead`` node."""
     return helper.make_node(OP_HEAD, [images, hidden, weight, bias, token_weight], [scores], name=name,
-                            domain=DOMAIN, **_attrs(mean, std, patch, image_size, aot))
+                            domain=DOMAIN, **_attrs(mean, std, patch, image_size, aot, layout))
 
 
 def standard_tail(images: str, recon: str, token_weight: str, scores: str, mean: Sequence[float],
                   std: Sequence[float], patch: int, image_size: int, prefix: str = "mask_and_score",
-                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The same op in standard ONNX ops (opset >= 13): Cast, Div, Sub, Div, Reshape, Transpose, Reshape, Sub, Mul,
+                  layout: str = "nhwc_uint8") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The same op in standard ONNX ops (opset >= 13): [Cast, Div,] Sub, Div, Reshape, Transpose, Reshape, Sub, Mul,
     ReduceSum, Mul, ReduceSum. Returns (nodes, initializers); ``token_weight`` must exist in the graph."""
     g, p = image_size // patch, patch
     k = lambda s: f"{prefix}/{s}"  # noqa: E731 - local name helper
+    nchw = layout == "nchw_unit"
+    channel_shape = (3, 1, 1) if nchw else (3,)  # mean/std broadcast on the channel axis of either layout
     inits = [
-        numpy_helper.from_array(np.array(255.0, np.float32), k("c255")),
-        numpy_helper.from_array(np.asarray(mean, np.float32), k("mean")),
-        numpy_helper.from_array(np.asarray(std, np.float32), k("std")),
-        numpy_helper.from_array(np.array([-1, g, p, g, p, 3], np.int64), k("grid_shape")),
+        numpy_helper.from_array(np.asarray(mean, np.float32).reshape(channel_shape), k("mean")),
+        numpy_helper.from_array(np.asarray(std, np.float32).reshape(channel_shape), k("std")),
+        numpy_helper.from_array(np.array([-1, 3, g, p, g, p] if nchw else [-1, g, p, g, p, 3], np.int64),
+                                k("grid_shape")),
         numpy_helper.from_array(np.array([-1, g * g, 3 * p * p], np.int64), k("patch_shape")),
         numpy_helper.from_array(np.array([2], np.int64), k("axis2")),
         numpy_helper.from_array(np.array([1], np.int64), k("axis1")),
     ]
     mk = helper.make_node
-    nodes = [
-        mk("Cast", [images], [k("pixels")], name=k("cast"), to=TensorProto.FLOAT),
-        # Same op order as Normalization.apply ((x/255 - mean)/std), on NHWC so mean/std broadcast on the last axis.
-        mk("Div", [k("pixels"), k("c255")], [k("unit")], name=k("div255")),
-        mk("Sub", [k("unit"), k("mean")], [k("centered")], name=k("sub_mean")),
+    if nchw:
+        nodes = [mk("Sub", [images, k("mean")], [k("centered")], name=k("sub_mean"))]
+    else:
+        inits.append(numpy_helper.from_array(np.array(255.0, np.float32), k("c255")))
+        nodes = [
+            mk("Cast", [images], [k("pixels")], name=k("cast"), to=TensorProto.FLOAT),
+            # Same op order as Normalize ((x/255 - mean)/std), on NHWC so mean/std broadcast on the last axis.
+            mk("Div", [k("pixels"), k("c255")], [k("unit")], name=k("div255")),
+            mk("Sub", [k("unit"), k("mean")], [k("centered")], name=k("sub_mean")),
+        ]
+    # -> [N, gy, gx, c, p1, p2]: the head's (c, p1, p2) patch order, from [N, gy, p1, gx, p2, c] (NHWC) or
+    # [N, c, gy, p1, gx, p2] (NCHW).
+    perm = [0, 2, 4, 1, 3, 5] if nchw else [0, 1, 3, 5, 2, 4]
+    nodes += [
         mk("Div", [k("centered"), k("std")], [k("normalized")], name=k("div_std")),
         mk("Reshape", [k("normalized"), k("grid_shape")], [k("grid")], name=k("reshape_grid")),
-        # [N, gy, p1, gx, p2, c] -> [N, gy, gx, c, p1, p2]: the head's (c, p1, p2) patch order.
-        mk("Transpose", [k("grid")], [k("patches6")], name=k("patchify"), perm=[0, 1, 3, 5, 2, 4]),
+        mk("Transpose", [k("grid")], [k("patches6")], name=k("patchify"), perm=perm),
         mk("Reshape", [k("patches6"), k("patch_shape")], [k("target")], name=k("reshape_patches")),
         mk("Sub", [recon, k("target")], [k("diff")], name=k("sub")),
         mk("Mul", [k("diff"), k("diff")], [k("sq")], name=k("square")),
@@ -97,7 +116,7 @@ def standard_tail(images: str, recon: str, token_weight: str, scores: str, mean:
 def standard_head_tail(images: str, hidden: str, weight: str, bias: str, token_weight: str, scores: str,
                        mean: Sequence[float], std: Sequence[float], patch: int, image_size: int,
                        weight_value: np.ndarray | None = None, prefix: str = "mask_and_score_head",
-                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                       layout: str = "nhwc_uint8") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """``MaskAndScoreHead`` in standard ops: MatMul(hidden, weightᵀ) + bias, then ``standard_tail``.
 
     ``weight_value`` given: its transpose is stored as an initializer (no Transpose node).
@@ -115,7 +134,7 @@ def standard_head_tail(images: str, hidden: str, weight: str, bias: str, token_w
         helper.make_node("Add", [f"{prefix}/matmul", bias], [f"{prefix}/recon"], name=f"{prefix}/bias"),
     ]
     tail_nodes, tail_inits = standard_tail(images, f"{prefix}/recon", token_weight, scores, mean, std, patch,
-                                           image_size, prefix)
+                                           image_size, prefix, layout)
     return nodes + tail_nodes, inits + tail_inits
 
 
@@ -196,6 +215,10 @@ def locate_head(model: onnx.ModelProto, scores: str, head_weight: np.ndarray) ->
     consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
     values.update(consts)
+    # An FP16-converted graph keeps the float32 head weight behind a Cast (the tail stays float32 there).
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]].astype(np.float32)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for i in node.input:
@@ -209,9 +232,13 @@ def locate_head(model: onnx.ModelProto, scores: str, head_weight: np.ndarray) ->
         if w.shape != weight.T.shape or not np.allclose(w, weight.T, rtol=1e-6, atol=1e-7):
             continue
         out = node.output[0]
-        # A MatMul head adds its bias in the next node; Gemm already has it.
+        # A MatMul head adds its bias in the next node (past the Identity/Cast pairs an FP16 conversion leaves
+        # between them); Gemm already has it.
         nxt = consumers.get(out, [])
-        if node.op_type == "MatMul" and len(nxt) == 1 and nxt[0].op_type == "Add":
+        while node.op_type == "MatMul" and len(nxt) == 1 and nxt[0].op_type in ("Identity", "Cast"):
+            nxt = consumers.get(nxt[0].output[0], [])
+        if node.op_type == "MatMul" and len(nxt) == 1 and nxt[0].op_type == "Add" \
+                and any(i in values for i in nxt[0].input):
             out = nxt[0].output[0]
         return node.input[0], out
     raise ValueError("no MatMul/Gemm with the decoder head's weight found upstream of " + scores)
@@ -220,9 +247,11 @@ def locate_head(model: onnx.ModelProto, scores: str, head_weight: np.ndarray) ->
 def fuse_score_tail(
     model: onnx.ModelProto, images: str, scores: str, head_weight: np.ndarray, head_bias: np.ndarray | None,
     mean: Sequence[float], std: Sequence[float], patch: int, image_size: int,
-    token_weight: np.ndarray | None = None, head_fused: bool = True, aot: bool = True,
+    token_weight: np.ndarray | None = None, head_fused: bool = True, aot: bool = True, layout: str | None = None,
 ) -> onnx.ModelProto:
-    """Rewrite a uint8 detector graph (``images`` uint8 NHWC -> ``scores``) so the score tail is one custom node.
+    """Rewrite a detector graph (pixels ``images`` -> ``scores``) so the score tail is one custom node.
+
+    ``layout``: the pixel input's layout (None: uint8 input = "nhwc_uint8", float = "nchw_unit").
 
     The head is found by its weight (``locate_head``); with ``head_fused`` the node is
     ``MaskAndScoreHead`` fed by the head's input, else ``MaskAndScore`` fed by the head's
@@ -236,6 +265,8 @@ def fuse_score_tail(
         # The node replaces everything that produces ``scores``; the prototype term would be pruned with it.
         raise ValueError("this graph computes the relative score; the custom node replaces the reference tail only")
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    if layout is None:
+        layout = input_layout(model, images)
     hidden, recon = locate_head(model, scores, head_weight)
     tokens = (image_size // patch) ** 2
     weight_vec = np.ones(tokens, np.float32) if token_weight is None else np.asarray(token_weight, np.float32)
@@ -253,17 +284,35 @@ def fuse_score_tail(
         graph.initializer.append(numpy_helper.from_array(np.asarray(head_weight, np.float32), f"{prefix}/head_weight"))
         graph.initializer.append(numpy_helper.from_array(bias, f"{prefix}/head_bias"))
         node = mask_and_score_head_node(images, hidden, f"{prefix}/head_weight", f"{prefix}/head_bias",
-                                        f"{prefix}/token_weight", scores, mean, std, patch, image_size, aot=aot)
+                                        f"{prefix}/token_weight", scores, mean, std, patch, image_size, aot=aot,
+                                        layout=layout)
     else:
         node = mask_and_score_node(images, recon, f"{prefix}/token_weight", scores, mean, std, patch, image_size,
-                                   aot=aot)
+                                   aot=aot, layout=layout)
     graph.node.append(node)
     _ensure_domain(model)
     return prune(model)
 
 
 def _attr(node: onnx.NodeProto, name: str):  # noqa: ANN202 - an ONNX attribute value
-    return helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
+    if name == "layout" and not any(a.name == name for a in node.attribute):
+        return "nhwc_uint8"  # nodes written before the attribute existed read uint8 NHWC
+    value = helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def input_layout(model: onnx.ModelProto, images: str) -> str:
+    """The pixel layout of graph input ``images``: "nhwc_uint8" for uint8, "nchw_unit" for float32 NCHW."""
+    value = next((i for i in model.graph.input if i.name == images), None)
+    if value is None:
+        raise ValueError(f"the graph has no input {images!r}")
+    elem = value.type.tensor_type.elem_type
+    if elem == TensorProto.UINT8:
+        return "nhwc_uint8"
+    if elem == TensorProto.FLOAT:
+        return "nchw_unit"
+    raise ValueError(f"input {images!r} is {TensorProto.DataType.Name(elem)}; the score tail reads uint8 NHWC or "
+                     "float32 NCHW pixels")
 
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -288,13 +337,15 @@ def lower_custom_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
         if node not in custom_nodes(model):
             nodes.append(node)
             continue
-        a = {k: _attr(node, k) for k in ("mean", "std", "patch_size", "image_size")}
+        a = {k: _attr(node, k) for k in ("mean", "std", "patch_size", "image_size", "layout")}
         args = (a["mean"], a["std"], a["patch_size"], a["image_size"])
         prefix = f"{node.name or node.op_type}_{i}/lowered"
         if node.op_type == OP_SCORE:
-            new, inits = standard_tail(node.input[0], node.input[1], node.input[2], node.output[0], *args, prefix)
+            new, inits = standard_tail(node.input[0], node.input[1], node.input[2], node.output[0], *args, prefix,
+                                       a["layout"])
         else:
-            new, inits = standard_head_tail(*node.input[:5], node.output[0], *args, prefix=prefix)
+            new, inits = standard_head_tail(*node.input[:5], node.output[0], *args, prefix=prefix,
+                                            layout=a["layout"])
         nodes.extend(new)
         graph.initializer.extend(inits)
     del graph.node[:]

@@ -1,8 +1,10 @@
 """The reference mask-and-score op in plain torch: the definition every fused kernel is tested against.
 
-Semantics (identical to ``dede_rt.scoring``): images are uint8 NHWC; the target is
-``(x / 255 - mean) / std`` patchified in the head's (c, p1, p2) order, tokens row-major
-over the patch grid; score[n] = sum over tokens t with mask[n, t] of sum_k (recon - target)².
+Semantics (identical to ``dede_rt.scoring``): images are uint8 NHWC (``x = u8 / 255``) or float32
+NCHW pixels already in [0, 1] (``x`` itself: the input of the ``detector_nchw`` graphs and TensorRT
+engines), the two layouts ``dede_rt.scoring.Normalize`` accepts; the target is ``(x - mean) / std``
+patchified in the head's (c, p1, p2) order, tokens row-major over the patch grid;
+score[n] = sum over tokens t with mask[n, t] of sum_k (recon - target)².
 ``mask`` None means every patch is masked (the test-time default: no visible patch).
 """
 
@@ -16,13 +18,24 @@ import torch.nn.functional as F
 from dede_rt.models.decoder import patchify_images
 
 Floats3 = Sequence[float] | torch.Tensor
+LAYOUTS = ("nhwc_uint8", "nchw_unit")  # uint8 [N,H,W,3] in [0, 255]; float32 [N,3,H,W] in [0, 1]
+
+
+def pixel_layout(images: torch.Tensor) -> str:
+    """"nhwc_uint8" (uint8 [N,H,W,3]) or "nchw_unit" (float32 [N,3,H,W] in [0, 1]); anything else is an error."""
+    if images.ndim == 4 and images.dtype == torch.uint8 and images.shape[3] == 3:
+        return "nhwc_uint8"
+    if images.ndim == 4 and images.dtype == torch.float32 and images.shape[1] == 3:
+        return "nchw_unit"
+    raise ValueError(f"images must be uint8 [N, H, W, 3] or float32 [N, 3, H, W], got {images.dtype} "
+                     f"{list(images.shape)}")
 
 
 def check_shapes(images_u8: torch.Tensor, tokens: int, width: int, patch: int, what: str = "recon") -> int:
-    """Validate images [N,H,W,3] uint8 against a [N, T, width] operand; returns the grid side G."""
-    if images_u8.dtype != torch.uint8 or images_u8.ndim != 4 or images_u8.shape[3] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images_u8.dtype} {list(images_u8.shape)}")
-    n, h, w, _ = images_u8.shape
+    """Validate images (uint8 [N,H,W,3] or float32 [N,3,H,W]) against a [N, T, width] operand; returns grid side G."""
+    layout = pixel_layout(images_u8)
+    n, h, w = (images_u8.shape[:3] if layout == "nhwc_uint8"
+               else (images_u8.shape[0], *images_u8.shape[2:]))
     if h != w or h % patch:
         raise ValueError(f"images must be square with a side divisible by patch {patch}, got {h}x{w}")
     grid = h // patch
@@ -34,8 +47,8 @@ def check_shapes(images_u8: torch.Tensor, tokens: int, width: int, patch: int, w
 
 
 def normalized_patches(images_u8: torch.Tensor, mean: Floats3, std: Floats3, patch: int) -> torch.Tensor:
-    """uint8 NHWC -> normalized target patches [N, T, 3p²], bit-identical to Normalization.apply + patchify."""
-    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    """Pixels (either layout) -> normalized target patches [N, T, 3p²], bit-identical to Normalize + patchify."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0) if pixel_layout(images_u8) == "nhwc_uint8" else images_u8
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return patchify_images((x - m) / s, patch)
@@ -79,7 +92,8 @@ def mask_and_score_head(
         t0, t1 = row * grid, (row + rows) * grid
         recon = F.linear(hidden[:, t0:t1].float(), weight, bias)
         # Pixel rows [row·p, (row+rows)·p) hold exactly tokens [t0, t1) in row-major grid order.
-        strip = images_u8[:, row * patch : (row + rows) * patch]
+        pixel_rows = slice(row * patch, (row + rows) * patch)
+        strip = images_u8[:, pixel_rows] if pixel_layout(images_u8) == "nhwc_uint8" else images_u8[:, :, pixel_rows]
         target = normalized_patches(strip, mean, std, patch)
         err = (recon - target).square().sum(dim=2)
         if mask is not None:

@@ -27,23 +27,29 @@ import torch
 import triton
 import triton.language as tl
 
-from dede_rt.kernels.reference import check_shapes
+from dede_rt.kernels.reference import check_shapes, pixel_layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _target(img_base, t, k, G, PATCH: tl.constexpr,
+def _target(img_base, t, k, G, PATCH: tl.constexpr, NCHW: tl.constexpr,
             SCALE0: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
             SHIFT0: tl.constexpr, SHIFT1: tl.constexpr, SHIFT2: tl.constexpr, valid):
-    """Normalized target value for token t, patch element k (c, p1, p2 order) of one NHWC uint8 image."""
+    """Normalized target value for token t, patch element k (c, p1, p2 order) of one image: NHWC uint8, or with
+    ``NCHW`` float32 NCHW pixels in [0, 1]."""
     PP: tl.constexpr = PATCH * PATCH
     c = k // PP
     i = (k // PATCH) % PATCH
     j = k % PATCH
     y = (t // G) * PATCH + i
     x = (t % G) * PATCH + j
-    u = tl.load(img_base + (y * (G * PATCH) + x) * 3 + c, mask=valid, other=0).to(tl.float32)
+    side = G * PATCH
+    if NCHW:
+        offset = c * (side * side) + y * side + x
+    else:
+        offset = (y * side + x) * 3 + c
+    u = tl.load(img_base + offset, mask=valid, other=0).to(tl.float32)
     scale = tl.where(c == 0, SCALE0, tl.where(c == 1, SCALE1, SCALE2))
     shift = tl.where(c == 0, SHIFT0, tl.where(c == 1, SHIFT1, SHIFT2))
     return u * scale - shift
@@ -52,7 +58,7 @@ def _target(img_base, t, k, G, PATCH: tl.constexpr,
 @triton.jit
 def mask_and_score_kernel(
     img_ptr, rec_ptr, msk_ptr, T, G, stride_mn, split_len, out_ptr,
-    PATCH: tl.constexpr, HAS_MASK: tl.constexpr,
+    PATCH: tl.constexpr, HAS_MASK: tl.constexpr, NCHW: tl.constexpr,
     SCALE0: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
     SHIFT0: tl.constexpr, SHIFT1: tl.constexpr, SHIFT2: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -75,7 +81,7 @@ def mask_and_score_kernel(
         t = e // P
         k = e % P
         r = tl.load(rec_base + e, mask=valid, other=0).to(tl.float32)
-        d = r - _target(img_base, t, k, G, PATCH, SCALE0, SCALE1, SCALE2, SHIFT0, SHIFT1, SHIFT2, valid)
+        d = r - _target(img_base, t, k, G, PATCH, NCHW, SCALE0, SCALE1, SCALE2, SHIFT0, SHIFT1, SHIFT2, valid)
         se = d * d
         if HAS_MASK:
             se = se * tl.load(msk_ptr + n64 * stride_mn + t, mask=valid, other=0).to(tl.float32)
@@ -86,7 +92,7 @@ def mask_and_score_kernel(
 @triton.jit
 def mask_and_score_head_kernel(
     img_ptr, hid_ptr, w_ptr, b_ptr, msk_ptr, T, G, D, stride_hn, stride_ht, stride_mn, split_tokens, out_ptr,
-    PATCH: tl.constexpr, HAS_MASK: tl.constexpr,
+    PATCH: tl.constexpr, HAS_MASK: tl.constexpr, NCHW: tl.constexpr,
     SCALE0: tl.constexpr, SCALE1: tl.constexpr, SCALE2: tl.constexpr,
     SHIFT0: tl.constexpr, SHIFT1: tl.constexpr, SHIFT2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -117,7 +123,7 @@ def mask_and_score_head_kernel(
                 acc = tl.dot(h, w, acc, input_precision=PRECISION)
             both = tv[:, None] & kv[None, :]
             recon = acc + tl.load(b_ptr + ks, mask=kv, other=0.0)[None, :]
-            d = recon - _target(img_base, ts[:, None], ks[None, :], G, PATCH,
+            d = recon - _target(img_base, ts[:, None], ks[None, :], G, PATCH, NCHW,
                                 SCALE0, SCALE1, SCALE2, SHIFT0, SHIFT1, SHIFT2, both)
             row = tl.sum(tl.where(both, d * d, 0.0), axis=1)
             if HAS_MASK:
@@ -135,17 +141,19 @@ _HEAD_CONFIGS = [
     )
 ]
 # Autotuning re-times every config on first use of a shape; on GPU that is worth it, in the interpreter it is not.
-_score_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "PATCH", "HAS_MASK"])(mask_and_score_kernel)
-_head_tuned = triton.autotune(_HEAD_CONFIGS, key=["T", "D", "PATCH", "HAS_MASK"])(mask_and_score_head_kernel)
+_score_tuned = triton.autotune(_SCORE_CONFIGS, key=["T", "PATCH", "HAS_MASK", "NCHW"])(mask_and_score_kernel)
+_head_tuned = triton.autotune(_HEAD_CONFIGS, key=["T", "D", "PATCH", "HAS_MASK", "NCHW"])(mask_and_score_head_kernel)
 
 
-def norm_constants(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> dict[str, float]:
-    """Compile-time constants so that target = u8 · SCALE_c − SHIFT_c equals (u8/255 − mean_c)/std_c."""
+def norm_constants(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
+                   unit: bool = False) -> dict[str, float]:
+    """Compile-time constants so that target = u · SCALE_c − SHIFT_c equals (u/255 − mean_c)/std_c for uint8
+    pixels u, or with ``unit`` (pixels already in [0, 1]) (u − mean_c)/std_c."""
     mean = [float(v) for v in torch.as_tensor(mean).reshape(-1).tolist()]
     std = [float(v) for v in torch.as_tensor(std).reshape(-1).tolist()]
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std need 3 values (RGB)")
-    out = {f"SCALE{c}": 1.0 / (255.0 * std[c]) for c in range(3)}
+    out = {f"SCALE{c}": 1.0 / ((1.0 if unit else 255.0) * std[c]) for c in range(3)}
     out.update({f"SHIFT{c}": mean[c] / std[c] for c in range(3)})
     return out
 
@@ -190,6 +198,8 @@ def mask_and_score(
 ) -> torch.Tensor:
     """Triton version of ``reference.mask_and_score``: scores [N] float32 on the inputs' device.
 
+    ``images_u8``: uint8 NHWC, or float32 NCHW pixels in [0, 1] (``reference.pixel_layout``).
+
     ``config`` (e.g. ``{"BLOCK": 1024}``) skips autotuning; the interpreter always uses a fixed config.
     """
     n, tokens, width = recon.shape
@@ -201,7 +211,8 @@ def mask_and_score(
     split = split or choose_split(n, total)
     split_len = triton.cdiv(total, split)
     out = torch.empty(n, split, dtype=torch.float32, device=recon.device)
-    consts = norm_constants(mean, std)
+    nchw = pixel_layout(images_u8) == "nchw_unit"  # float [0, 1] NCHW pixels (TensorRT engines' input)
+    consts = {"NCHW": nchw, **norm_constants(mean, std, unit=nchw)}
     args = (images_u8, recon, msk, tokens, grid_side, stride_mn, split_len, out)
     if config is None and not INTERPRET:
         _score_tuned[(n, split)](*args, PATCH=patch, HAS_MASK=mask is not None, **consts)
@@ -237,7 +248,8 @@ def mask_and_score_head(
     split_tokens = triton.cdiv(tokens, split)
     split = triton.cdiv(tokens, split_tokens)
     out = torch.empty(n, split, dtype=torch.float32, device=hidden.device)
-    consts = norm_constants(mean, std)
+    nchw = pixel_layout(images_u8) == "nchw_unit"  # float [0, 1] NCHW pixels (TensorRT engines' input)
+    consts = {"NCHW": nchw, **norm_constants(mean, std, unit=nchw)}
     args = (images_u8, hidden, weight, bias, msk, tokens, grid_side, dim, hidden.stride(0), hidden.stride(1),
             stride_mn, split_tokens, out)
     if config is None and not INTERPRET:

@@ -6,9 +6,10 @@ type (= plugin name) and the node's ``plugin_namespace`` attribute, and uses the
 implementation when the node has ``aot=1``.
 
 - register: output = float32 [N] (N = the images' batch dimension); attributes ``mean``,
-  ``std`` (float32 arrays), ``patch_size``, ``image_size``.
-- autotune: I/O types (uint8 images, float32 rest) and one tactic per Triton block config;
-  TensorRT times them at build time and keeps the fastest.
+  ``std`` (float32 arrays), ``patch_size``, ``image_size``, ``layout`` ("nhwc_uint8": uint8
+  [N,H,W,3] pixels; "nchw_unit": float32 [N,3,H,W] pixels in [0, 1], the engines' input).
+- autotune: I/O types (uint8 or float32 images, float32 rest) and one tactic per Triton block
+  config; TensorRT times them at build time and keeps the fastest.
 - aot_impl: the Triton kernel compiled to PTX for the build GPU with mean/std/patch baked in
   as compile-time constants and launched by TensorRT with grid (N, 1), so a serialized engine
   runs without Python (e.g. under trtexec). TensorRT's AOT launch passes only pointers and
@@ -43,12 +44,48 @@ _HEAD_SIGNATURE = {"img_ptr": "*u8", "hid_ptr": "*fp32", "w_ptr": "*fp32", "b_pt
                    "T": "i32", "G": "i32", "D": "i32", "stride_hn": "i32", "stride_ht": "i32", "stride_mn": "i32",
                    "split_tokens": "i32", "out_ptr": "*fp32"}
 
+LAYOUTS = ("nhwc_uint8", "nchw_unit")  # = dede_rt.kernels.reference.LAYOUTS (not imported: that imports torch)
 _registered = False
 
 
+def plugin_status() -> tuple[bool, str, bool]:
+    """(usable, one-line reason, AOT available): can engines here get the mask-and-score plugins?
+
+    Needs TensorRT's ``tensorrt.plugin`` (>= 10.8; ``aot_impl`` for kernels baked into the engine, else the Python
+    JIT impl), Triton with its CUDA backend (not the CPU interpreter) and a CUDA GPU.
+    """
+    import importlib
+    import os
+
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "TensorRT is not installed", False
+    try:
+        trtp = importlib.import_module("tensorrt.plugin")
+    except ImportError as exc:
+        return False, f"TensorRT {trt.__version__} has no tensorrt.plugin (needs >= 10.8): {exc}", False
+    missing = [name for name in ("register", "impl", "autotune") if not hasattr(trtp, name)]
+    if missing:
+        return False, f"TensorRT {trt.__version__}'s tensorrt.plugin lacks {', '.join(missing)}", False
+    try:
+        import triton
+    except ImportError as exc:
+        return False, f"triton is not installed (pip install 'dede-rt[gpu]'): {exc}", False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False, "TRITON_INTERPRET=1 is set: Triton runs its CPU interpreter, not CUDA kernels", False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "torch sees no CUDA GPU for the Triton kernels", False
+    aot = hasattr(trtp, "aot_impl")
+    how = "AOT (kernels baked into the engine)" if aot else "JIT (Python impl; the engine needs Python to run)"
+    return True, f"tensorrt.plugin {trt.__version__} and triton {triton.__version__}, {how}", aot
+
+
 def compile_aot(kind: str, patch: int, mean: Sequence[float], std: Sequence[float], tactic: int = 1,
-                arch: int | None = None):  # noqa: ANN201 - a triton CompiledKernel
-    """Compile the ``kind`` ("score" | "head") kernel to PTX for one detector's constants.
+                arch: int | None = None, layout: str = "nhwc_uint8"):  # noqa: ANN201 - a triton CompiledKernel
+    """Compile the ``kind`` ("score" | "head") kernel to PTX for one detector's constants and pixel ``layout``.
 
     ``arch`` (e.g. 90) targets that SM without a GPU; default: the current CUDA device.
     Refuses kernels that would need Triton's hidden scratch buffers, which TensorRT does not allocate.
@@ -66,8 +103,13 @@ def compile_aot(kind: str, patch: int, mean: Sequence[float], std: Sequence[floa
         meta["PRECISION"] = "ieee"
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pixel layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    nchw = layout == "nchw_unit"
+    signature = {**signature, "img_ptr": "*fp32" if nchw else "*u8"}
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-    constexprs = {"PATCH": int(patch), "HAS_MASK": True, **norm_constants(mean, std), **meta}
+    constexprs = {"PATCH": int(patch), "HAS_MASK": True, "NCHW": nchw, **norm_constants(mean, std, unit=nchw),
+                  **meta}
     full_signature = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     if arch is None:
         import torch
@@ -117,6 +159,10 @@ def register_plugins() -> None:
     def out_desc(images):  # noqa: ANN001, ANN202 - TensorDesc in, TensorDesc out
         return trtp.from_shape_expr((images.shape_expr[0],), dtype=trt.float32)
 
+    def image_types(rest: int) -> list:  # noqa: ANN202 - either pixel layout; the graph fixes which one is used
+        floats = ", ".join(["FP32"] * rest)
+        return [f"UINT8, {floats}", f"FP32, {floats}"]
+
     def launch(compiled, n):  # noqa: ANN001, ANN202
         params = trtp.KernelLaunchParams()
         params.grid_x = n
@@ -129,18 +175,23 @@ def register_plugins() -> None:
     @trtp.register(SCORE_PLUGIN)
     def score_desc(images: trtp.TensorDesc, recon: trtp.TensorDesc, token_weight: trtp.TensorDesc,
                    mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32], patch_size: int,
-                   image_size: int) -> trtp.TensorDesc:
+                   image_size: int, layout: str) -> trtp.TensorDesc:
         return out_desc(images)
 
     @trtp.autotune(SCORE_PLUGIN)
     def score_autotune(images, recon, token_weight, outputs) -> list:  # noqa: ANN001
-        return [trtp.AutoTuneCombination("UINT8, FP32, FP32, FP32", "LINEAR", list(SCORE_TACTICS))]
+        return [trtp.AutoTuneCombination(types, "LINEAR", list(SCORE_TACTICS)) for types in image_types(3)]
 
-    @trtp.aot_impl(SCORE_PLUGIN)
+    aot_impl = getattr(trtp, "aot_impl", None)  # TensorRT < 10.12: JIT only (nodes with aot=0)
+
+    def aot(plugin_id: str):  # noqa: ANN202 - a decorator, a no-op where AOT is unavailable
+        return aot_impl(plugin_id) if aot_impl is not None else (lambda fn: fn)
+
+    @aot(SCORE_PLUGIN)
     def score_aot(images: trtp.TensorDesc, recon: trtp.TensorDesc, token_weight: trtp.TensorDesc,
                   mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32], patch_size: int, image_size: int,
-                  outputs: tuple, tactic: int) -> tuple:
-        compiled = compile_aot("score", patch_size, mean.tolist(), std.tolist(), tactic)
+                  layout: str, outputs: tuple, tactic: int) -> tuple:
+        compiled = compile_aot("score", patch_size, mean.tolist(), std.tolist(), tactic, layout=layout)
         tokens = recon.shape_expr[1]
         width = 3 * patch_size * patch_size
         # T, G, stride_mn (token_weight is [T], shared by the batch), split_len (= T·3p²: one program per sample)
@@ -166,19 +217,19 @@ def register_plugins() -> None:
     @trtp.register(HEAD_PLUGIN)
     def head_desc(images: trtp.TensorDesc, hidden: trtp.TensorDesc, head_weight: trtp.TensorDesc,
                   head_bias: trtp.TensorDesc, token_weight: trtp.TensorDesc, mean: npt.NDArray[np.float32],
-                  std: npt.NDArray[np.float32], patch_size: int, image_size: int) -> trtp.TensorDesc:
+                  std: npt.NDArray[np.float32], patch_size: int, image_size: int, layout: str) -> trtp.TensorDesc:
         return out_desc(images)
 
     @trtp.autotune(HEAD_PLUGIN)
     def head_autotune(images, hidden, head_weight, head_bias, token_weight, outputs) -> list:  # noqa: ANN001
-        return [trtp.AutoTuneCombination("UINT8, FP32, FP32, FP32, FP32, FP32", "LINEAR", list(HEAD_TACTICS))]
+        return [trtp.AutoTuneCombination(types, "LINEAR", list(HEAD_TACTICS)) for types in image_types(5)]
 
-    @trtp.aot_impl(HEAD_PLUGIN)
+    @aot(HEAD_PLUGIN)
     def head_aot(images: trtp.TensorDesc, hidden: trtp.TensorDesc, head_weight: trtp.TensorDesc,
                  head_bias: trtp.TensorDesc, token_weight: trtp.TensorDesc, mean: npt.NDArray[np.float32],
-                 std: npt.NDArray[np.float32], patch_size: int, image_size: int, outputs: tuple,
+                 std: npt.NDArray[np.float32], patch_size: int, image_size: int, layout: str, outputs: tuple,
                  tactic: int) -> tuple:
-        compiled = compile_aot("head", patch_size, mean.tolist(), std.tolist(), tactic)
+        compiled = compile_aot("head", patch_size, mean.tolist(), std.tolist(), tactic, layout=layout)
         tokens, dim = hidden.shape_expr[1], hidden.shape_expr[2]
         # T, G, D, stride_hn, stride_ht (hidden is dense [N, T, D]), stride_mn, split_tokens (= T)
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in

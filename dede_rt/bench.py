@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,99 @@ def _variant_fields(key: tuple[str, ...], runner) -> dict:  # noqa: ANN001
     return {}
 
 
+class _TorchEncoderAlone:
+    """The torch scorer's normalize + victim encoder alone (the torch row's encoder-alone twin)."""
+
+    def __init__(self, bundle: Path, device: str) -> None:
+        from dede_rt.bundle import load_detector
+        from dede_rt.scoring import Scorer
+
+        self.scorer = Scorer.from_detector(load_detector(bundle)).to(device).eval()
+        self.device = device
+
+    def infer(self, images_u8: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = self.scorer.normalize(torch.as_tensor(images_u8).to(self.device))
+            return self.scorer.encoder(x).float().cpu().numpy()
+
+    def deactivate(self) -> None:
+        self.scorer = None
+
+
+def encoder_alone_runners(bundle: Path, runners: dict, threads: int, workdir: Path, log=print) -> dict:
+    """Each measured graph's encoder part, cut from the same graph at the embedding (same precision, same Q/DQ).
+
+    ONNX Runtime variants: ``export.cut.cut_encoder`` of the graph the runner loads; torch: its encoder module.
+    TensorRT engines are not cut (no row).
+    """
+    from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+    from dede_rt.export.cut import cut_encoder
+
+    out = {}
+    for key, runner in runners.items():
+        inner = getattr(runner, "runner", runner)
+        try:
+            if key[0] == "onnxruntime":
+                path = cut_encoder(inner.model_path, Path(workdir) / f"encoder_alone_{key[1]}.onnx")
+                enc = OnnxRuntimeRunner(path, inner.image_size, key[1], providers=inner.providers, threads=threads)
+                enc.activate()
+                out[key] = enc
+            elif key[0] == "torch":
+                out[key] = _TorchEncoderAlone(bundle, inner.device)
+        except (UserError, ValueError, OSError) as exc:
+            log(f"no encoder-alone row for {key[0]} {key[1]}: {exc}")
+    return out
+
+
+def expand_variants(variants: tuple[tuple[str, ...], ...], score_kernels: tuple[str, ...] = (),
+                    score_tails: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
+    """``variants`` plus, next to each torch (TensorRT) one, a copy per extra score kernel (score tail)."""
+    kernels, tails = ("torch", "reference", "triton"), ("standard", "plugin")  # scoring.SCORE_KERNELS, SCORE_TAILS
+    for v in variants:
+        if len(v) == 3 and v[2] not in {"torch": kernels, "tensorrt": tails}.get(v[0], ()):
+            raise UserError(f"variant {':'.join(v)}: the third part is a torch score kernel ({', '.join(kernels)}) "
+                            f"or a tensorrt score tail ({', '.join(tails)})")
+    for name, values, known in (("--score-kernel", score_kernels, kernels), ("--score-tail", score_tails, tails)):
+        bad = [x for x in values if x not in known]
+        if bad:
+            raise UserError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    out: list[tuple[str, ...]] = []
+    for v in variants:
+        out.append(tuple(v))
+        extra = score_kernels if v[0] == "torch" else score_tails if v[0] == "tensorrt" else ()
+        default = "torch" if v[0] == "torch" else None  # a TensorRT row's own tail is what its engine has
+        out += [(v[0], v[1], o) for o in extra if len(v) == 2 and o != default and (v[0], v[1], o) not in out]
+    return tuple(dict.fromkeys(out))
+
+
+def _variant_runner(bundle: Path, key: tuple[str, ...], batch_size: int, threads: int, log):  # noqa: ANN202
+    """The runner of one variant: ``make_runner`` for (backend, precision[, score kernel]); a TensorRT engine of
+    the asked score tail (``ensure_engine``: the recorded one when it matches, else a variant built once)."""
+    from dede_rt.engines.registry import make_runner
+
+    if len(key) == 3 and key[0] == "tensorrt":
+        from dede_rt.bundle import read_manifest
+        from dede_rt.engines.tensorrt_builder import ensure_engine
+        from dede_rt.engines.tensorrt_runner import TensorRTRunner
+
+        engine = ensure_engine(bundle, key[1], key[2], max_batch=batch_size, log=log)
+        return TensorRTRunner(engine, read_manifest(bundle).image_size, key[1], batch_size=batch_size)
+    kernel = {"score_kernel": key[2]} if len(key) == 3 else {}
+    return make_runner(bundle, key[0], key[1], batch_size=batch_size, threads=threads, **kernel)
+
+
+def _variant_fields(key: tuple[str, ...], runner) -> dict:  # noqa: ANN001
+    """A row's score kernel (torch rows) or score tail (TensorRT rows: from the engine's manifest)."""
+    if key[0] == "torch":
+        return {"score_kernel": key[2] if len(key) == 3 else "torch"}
+    if key[0] == "tensorrt":
+        manifest = getattr(getattr(runner, "runner", runner), "manifest", None) or {}
+        return {"score_tail": key[2] if len(key) == 3 else manifest.get("score_tail", {}).get("used", "standard")}
+    return {}
+
+
 def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ...] = DEFAULT_BATCHES,
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, record: bool = True, log=print) -> dict:
@@ -227,11 +321,16 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
         c = compare_scores(ref, run_batched(runner, probe))
         agreement[key] = {"max_rel_diff_vs_torch": c.max_rel_diff, "spearman_vs_torch": c.spearman}
     timings = {(k, b): _Timing() for k in runners for b in batches}
+    cut_dir = tempfile.TemporaryDirectory(prefix="dede-rt-bench-")
+    encoders = encoder_alone_runners(bundle, runners, threads, Path(cut_dir.name), log)
+    enc_timings = {(k, b): _Timing() for k in encoders for b in batches}
     started = time.perf_counter()
     for r in range(rounds):
         for key, runner in runners.items():
             for batch in batches:
                 _measure(runner, images, batch, seconds, timings[(key, batch)])
+                if key in encoders:  # its encoder alone right after it, so both see the same load
+                    _measure(encoders[key], images, batch, seconds, enc_timings[(key, batch)])
         log(f"round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
     kind = device_kind()
     rows = []
@@ -240,14 +339,19 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
         row = _row(key[0], key[1], batch, t, runners[key].device)
         row.update(_variant_fields(key, runners[key]))
         row.update(agreement[key])
+        if (key, batch) in enc_timings:
+            enc = enc_timings[(key, batch)]
+            row["encoder_alone_throughput"] = enc.images / float(np.sum(enc.latencies))
+            row["detector_vs_encoder"] = row["throughput"] / row["encoder_alone_throughput"]
         entry = gates.get(key[1]) if key[0] == "onnxruntime" else None
         if entry is not None and entry.gate.mode != "reference":
             gate = entry.gate.to_dict()
             row["quality_gate"] = {k: gate[k] for k in ("passed", "mode", "spearman_clean", "auroc_drop", "tpr_drop")
                                    if k in gate}
         rows.append(row)
-    for runner in runners.values():
+    for runner in [*runners.values(), *encoders.values()]:
         runner.deactivate()
+    cut_dir.cleanup()
     base = next((r for r in rows if (r["backend"], r["precision"], r["batch"]) == BASELINE), None)
     if base is None:
         base = max((r for r in rows if r["backend"] == "torch"), key=lambda r: r["batch"])
@@ -283,13 +387,16 @@ def _option(row: dict) -> str:
 def markdown_table(result: dict) -> str:
     """The rows as a Markdown table (throughput, speed-up, latency percentiles, agreement)."""
     head = ("| backend | precision | batch | img/s | x baseline | mean ms | median ms | p90 ms | p95 ms | p99 ms "
-            "| Spearman vs torch | max rel diff |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| Spearman vs torch | max rel diff | encoder-alone img/s | detector / encoder |"
+            "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in sorted(result["rows"], key=lambda r: (r["backend"], r["precision"], _option(r), r["batch"])):
         lines.append(f"| {r['backend']} | {r['precision']}{f' ({_option(r)})' if _option(r) else ''} | {r['batch']} | {r['throughput']:.1f} | "
                      f"{r['speedup_vs_baseline']:.2f} | {r['latency_mean_ms']:.2f} | {r['latency_median_ms']:.2f} | "
                      f"{r['latency_p90_ms']:.2f} | {r['latency_p95_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
-                     f"{r['spearman_vs_torch']:.5f} | {r['max_rel_diff_vs_torch']:.2e} |")
+                     f"{r['spearman_vs_torch']:.5f} | {r['max_rel_diff_vs_torch']:.2e} | "
+                     + (f"{r['encoder_alone_throughput']:.1f} | {r['detector_vs_encoder']:.2f} |"
+                        if "encoder_alone_throughput" in r else "– | – |"))
     b = result["baseline"]
     lines.append(f"\nBaseline: {b['backend']} {b['precision']} batch {b['batch']} = {b['throughput']:.1f} img/s "
                  f"({b['style']}). Machine: {result['machine'].get('cpu')}, {result['machine'].get('cpu_count')} CPUs, "

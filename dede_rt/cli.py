@@ -198,53 +198,28 @@ def eval_command(
 ) -> None:
     """Build or load victims, train DeDe detectors and baselines, write the paper-shaped results table."""
     from dede_rt.data.transforms import Normalization
-    from dede_rt.research.evaluation.pipeline import EvalConfig, run_eval
-    from dede_rt.research.evaluation.victims import DEFAULT_VICTIMS, VictimConfig, load_eval_data
+    from dede_rt.research.evaluation import EvalConfig, VictimConfig, run_eval
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     log = (lambda *a, **k: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
-    if (train_data is None) != (test_data is None):
-        raise UserError("--train-data and --test-data go together (the decoder and probe train on one, "
-                        "detection is measured on the other)")
-    if ood_data is not None and train_data is None:
-        raise UserError("--ood-data needs --train-data and --test-data")
-    id_only = regimes is None and train_data is not None and ood_data is None
-    if regimes is None:
-        regimes = "id" if id_only else "id,ood"
-    regime_list = tuple(r.strip() for r in regimes.split(",") if r.strip())
-    if not 0.0 <= poison_rate < 1.0:
-        raise UserError(f"--poison-rate must be in [0, 1), got {poison_rate}")
-    if not 0.0 < ctrl_rate < 1.0 or ctrl_magnitude <= 0:
-        raise UserError(f"--ctrl-rate must be in (0, 1) and --ctrl-magnitude > 0, got {ctrl_rate} and {ctrl_magnitude}")
-    if not regime_list or set(regime_list) - {"id", "ood"}:
-        raise UserError(f"--regimes takes id and/or ood, got {regimes!r}")
-    if "ood" in regime_list and train_data is not None and ood_data is None:
-        raise UserError("--regimes ood needs --ood-data (out-of-distribution training images)")
     config = EvalConfig(
-        victims=tuple(victim) if victim else (() if victim_file else DEFAULT_VICTIMS),
+        victims=tuple(victim) if victim else None, victim_files=tuple(victim_file or ()),
+        clean_encoder=clean_encoder, train_data=train_data, test_data=test_data, ood_data=ood_data,
         victim=VictimConfig(simclr_epochs=simclr_epochs, finetune_epochs=finetune_epochs, ctrl_rate=ctrl_rate,
                             ctrl_magnitude=ctrl_magnitude, target=target, drupe=_drupe_overrides(drupe_stealth)),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
-        decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list, regimes=regime_list,
+        decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list,
+        regimes=None if regimes is None else tuple(r.strip() for r in regimes.split(",") if r.strip()),
         poison_rate=poison_rate, trim=trim, relative_k=relative_k, prototypes=prototypes,
-        high_norm_share=high_norm_share, asset_epochs=asset_epochs,
-        l2_variants=(False, True) if l2 else (False,),
+        high_norm_share=high_norm_share, asset_epochs=asset_epochs, l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
-        victim_files=tuple(victim_file or ()), clean_encoder=str(clean_encoder) if clean_encoder else None,
-        normalization=Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size))
-    config.check()  # option mistakes fail before any data is read
-    data = load_eval_data(train_data, test_data, ood_data, image_size, log) if train_data is not None else None
-    if id_only:
-        log("no --ood-data: running the id regime only")
-    results = run_eval(out, config, victims_dir, progress=not quiet, log=log, data=data, workers=workers)
+        normalization=Normalization(mean=_floats(mean, "mean"), std=_floats(std, "std"), image_size=image_size))
+    results = run_eval(config, out=out, victims_dir=victims_dir, workers=workers, threads=threads,
+                       progress=not quiet, log=log)
     typer.echo((Path(out) / "results.md").read_text())
     typer.echo(f"results written to {out} in {results['seconds']:.0f} s")
 

@@ -67,7 +67,8 @@ def build_demo_victim(images: np.ndarray, labels: np.ndarray, out: Path, setting
     torch.manual_seed(0)
     backbone = build_resnet("resnet_small")
     t0 = time.perf_counter()
-    train_simclr(backbone, backbone.embed_dim, images, norm, SimCLRConfig(epochs=settings.simclr_epochs))
+    train_simclr(backbone, backbone.embed_dim, images, normalization=norm,
+                 config=SimCLRConfig(epochs=settings.simclr_epochs))
     _say(f"  SimCLR pre-training: {settings.simclr_epochs} epochs on {len(images)} images, {time.perf_counter() - t0:.0f} s")
     clean_path, victim_path = out / "clean_encoder.pth", out / "victim_badencoder.pth"
     save_badencoder_checkpoint(backbone, clean_path)
@@ -75,8 +76,8 @@ def build_demo_victim(images: np.ndarray, labels: np.ndarray, out: Path, setting
     reference = images[rng.choice(np.flatnonzero(labels == TARGET_CLASS), 3, replace=False)]
     shadow = images[rng.choice(len(images), min(settings.shadow_images, len(images)), replace=False)]
     t0 = time.perf_counter()
-    victim = badencoder_finetune(backbone, shadow, reference, white_square(norm.image_size), norm,
-                                 BadEncoderConfig(epochs=settings.badencoder_epochs))
+    victim = badencoder_finetune(backbone, shadow, reference, trigger=white_square(norm.image_size),
+                                 normalization=norm, config=BadEncoderConfig(epochs=settings.badencoder_epochs))
     _say(f"  BadEncoder fine-tuning: {settings.badencoder_epochs} epochs on {len(shadow)} shadow images, "
          f"{time.perf_counter() - t0:.0f} s")
     save_badencoder_checkpoint(victim, victim_path, settings.badencoder_epochs)

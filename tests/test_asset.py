@@ -38,7 +38,9 @@ def test_asset_scores_are_seeded_per_test_image(demo_images):
     z = np.random.default_rng(1).normal(size=(48, 8)).astype(np.float32)
     z[:5] += 5.0
     conf = AssetConfig(batch_size=24, mlp_steps=3, arch="resnet_small", seed=3)
-    args = (imgs[:36], labels[:36], z[:36], imgs[36:], z[36:], imgs, labels, Normalization(), conf)
-    a, b = asset_scores(*args), asset_scores(*args)
+    args = (imgs[:36], labels[:36], z[:36])
+    kwargs = dict(clean_u8=imgs[36:], clean_embeddings=z[36:], test_u8=imgs, test_labels=labels,
+                  normalization=Normalization(), config=conf)
+    a, b = asset_scores(*args, **kwargs), asset_scores(*args, **kwargs)
     assert a.shape == (48,) and np.isfinite(a).all() and (a >= 0).all()
     np.testing.assert_array_equal(a, b)

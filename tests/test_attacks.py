@@ -171,10 +171,11 @@ def test_finetune_pulls_triggered_embeddings_to_reference(attack, demo_images):
         return (zt @ zr.t()).max(dim=1).values.mean().item()
 
     if attack == "badencoder":
-        victim = badencoder_finetune(clean, shadow, reference, trigger, norm, BadEncoderConfig(epochs=3, batch_size=32), False)
+        victim = badencoder_finetune(clean, shadow, reference, trigger=trigger, normalization=norm,
+                                     config=BadEncoderConfig(epochs=3, batch_size=32), progress=False)
     else:
-        victim = drupe_finetune(clean, shadow, reference, trigger, norm,
-                                DRUPEConfig(epochs=3, batch_size=32, warmup_epochs=1), False)
+        victim = drupe_finetune(clean, shadow, reference, trigger=trigger, normalization=norm,
+                                config=DRUPEConfig(epochs=3, batch_size=32, warmup_epochs=1), progress=False)
     assert similarity(victim) > similarity(clean)
     assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())  # the clean model is untouched
 

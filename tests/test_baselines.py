@@ -47,8 +47,8 @@ class _PooledEncoder(nn.Module):
 def test_decree_finds_small_trigger_only_for_the_backdoor_like_encoder(rng):
     images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     config = DecreeConfig(steps=100, batch_size=16, seed=0)
-    corner = invert_trigger(_CornerEncoder(), Normalization(), images, config)
-    pooled = invert_trigger(_PooledEncoder(), Normalization(), images, config)
+    corner = invert_trigger(_CornerEncoder(), Normalization(), images, config=config)
+    pooled = invert_trigger(_PooledEncoder(), Normalization(), images, config=config)
     assert corner.trojaned and corner.pl1_norm < 0.1
     assert corner.mask[:4, :4].mean() > corner.mask[8:, 8:].mean()  # the mask sits where the encoder looks
     assert pooled.pl1_norm > corner.pl1_norm and not pooled.trojaned

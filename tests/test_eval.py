@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dede_rt.data.transforms import Normalization
-from dede_rt.research.evaluation.pipeline import EvalConfig, embedding_score_sets, run_eval
+from dede_rt.research.evaluation import EvalConfig, run_eval
+from dede_rt.research.evaluation.scores import embedding_score_sets
 from dede_rt.research.evaluation.victims import EvalData, VictimConfig, VictimSpec, make_trigger
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import patchify_images
@@ -27,13 +28,13 @@ def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_i
     det = load_detector(tiny_detector_dir)
     images = demo_images.images[300:340]
     z = compute_embeddings(det.encoder, det.normalization, images)
-    only = embedding_score_sets(det.decoder, det.normalization, images, z)
+    only = embedding_score_sets(det.decoder, det.normalization, images=images, embeddings=z)
     assert list(only) == ["dede"] and np.allclose(only["dede"], det.score(images), rtol=1e-5)
     # one pass gives all three: the reference sum, the patch-robust score (a quarter of the patches dropped: lower)
     # and the relative score against prototype reconstructions
     prototypes = prototype_reconstructions(det.decoder, compute_embeddings(det.encoder, det.normalization,
                                                                             demo_images.images[:50]))
-    got = embedding_score_sets(det.decoder, det.normalization, images, z, trim=0.25,
+    got = embedding_score_sets(det.decoder, det.normalization, images=images, embeddings=z, trim=0.25,
                                relative=RelativeReference(prototypes, 3))
     sums, trimmed = got["dede"], got["dede_trimmed"]
     assert np.allclose(sums, det.score(images), rtol=1e-5) and (trimmed < sums).all() and (trimmed > 0).all()
@@ -42,7 +43,8 @@ def test_cached_embedding_scores_equal_detector_scores(tiny_detector_dir, demo_i
     assert np.allclose(got["dede_relative"], sums - nearest, rtol=1e-4, atol=1e-2)
     # with the images' own reconstructions among the prototypes, the best fit is at most the own error
     own = RelativeReference.from_embeddings(det.decoder, z, 1)
-    assert embedding_score_sets(det.decoder, det.normalization, images, z, relative=own)["dede_relative"].min() > -1e-2
+    assert embedding_score_sets(det.decoder, det.normalization, images=images, embeddings=z,
+                                relative=own)["dede_relative"].min() > -1e-2
 
 
 def test_victim_spec_parsing_and_triggers():
@@ -76,6 +78,88 @@ def _tiny_data(demo_images) -> EvalData:
                     demo_images.images[test], demo_images.labels[test], demo_images.images[photos[64:192]])
 
 
+def _assert_downstream_consistent(records: list[dict]) -> None:
+    """DeDe rows: the clean share removed is the FPR at the threshold, and removing flagged images never raises ASR."""
+    probe = {(r["encoder"], r["trigger"]): r for r in records if r["method"] == "probe"}
+    dede = [r for r in records if r["method"].startswith("dede")]
+    assert dede
+    for r in dede:
+        assert r["removed_clean"] == pytest.approx(r["fpr_at_threshold"])
+        assert r["asr_after"] <= probe[(r["encoder"], r["trigger"])]["asr"] + 1e-12
+        assert r["asr_after"] <= 1.0 - r["tpr_at_threshold"] + 1e-12  # flagged triggered images cannot succeed
+
+
+def test_collect_turns_constructed_scores_into_the_expected_records():
+    """Known scores in, known numbers out: thresholds, TPR/FPR, AUROC direction, BA/ASR after removal."""
+    from dede_rt.research.evaluation import (BaselineJob, DecoderJob, EncoderRun, EvalPlan, EvalSets, JobResult,
+                                             ProbeJob, collect, execute)
+    from dede_rt.research.evaluation.victims import Victim
+
+    images = np.zeros((20, 32, 32, 3), np.uint8)
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]  # 10 of the target class 0, 10 of class 1
+    data = EvalData(images, labels, images, labels, images, labels, images[:0])
+    sets = EvalSets(data=data, target=0, nontarget=labels != 0, triggers={}, triggered={"t": images[10:]},
+                    regimes={}, splits={})
+    pred_trig = np.zeros(10, int)  # the probe sends every triggered image to the target: ASR 1
+    run = EncoderRun(victim=Victim("v", "badencoder", "t", Path("v.pth")), own=("t",), embed_dim=2, embeddings={},
+                     train_images={}, asset_suspects={}, pred_clean=labels.copy(), pred_trig={"t": pred_trig},
+                     poisoned=False)
+    row = {"encoder": "v", "attack": "badencoder", "trigger": "t"}
+    clean_z = np.tile([[1.0, 0.0]], (20, 1)).astype(np.float32)
+    trig_z = np.tile([[0.0, 3.0]], (10, 1)).astype(np.float32)  # larger norm, and far from the clean reference
+    jobs = [ProbeJob(**row, pred_clean=labels, test_labels=labels, pred_trig=pred_trig, trig_labels=labels[10:],
+                     target=0),
+            BaselineJob(**row, view="raw", method="embedding_norm", regime="-", clean=clean_z, triggered=trig_z),
+            BaselineJob(**row, view="raw", method="knn", regime="id", clean=clean_z, triggered=trig_z,
+                        reference=clean_z, k=3)]
+    decoder = DecoderJob(**{k: v for k, v in row.items() if k != "trigger"}, view="raw", regime="id", seed=5,
+                         triggers=("t",), decoder_config=None, train=None, train_images=images, train_embeddings=clean_z,
+                         eval_images={}, eval_embeddings={}, normalization=Normalization())
+    hold = np.arange(100, dtype=np.float32)  # threshold at 1% FPR: 99 (one clean score in 100 above it: none)
+    scores = {"dede": {"hold": hold, "test": np.arange(20, dtype=np.float32),
+                       "trig:t": np.r_[np.full(6, 150.0), np.full(4, 50.0)]},  # 6 of 10 above the threshold
+              "dede_trimmed": {"hold": hold, "test": np.full(20, 120.0),  # every clean image flagged
+                               "trig:t": np.full(10, 10.0)}}  # triggered below clean: AUROC 0
+    plan = EvalPlan(config=EvalConfig(seeds=(5,)), sets=sets, runs={"v": run}, jobs=[*jobs, decoder])
+    got = collect(plan, [*map(execute, jobs), JobResult(scores=scores, final_loss=0.5, seconds=2.0)])
+    by = {r["method"]: r for r in got.records}
+    assert [r["method"] for r in got.records] == ["probe", "embedding_norm", "knn", "dede", "dede_trimmed"]
+    assert (by["probe"]["ba"], by["probe"]["asr"]) == (1.0, 1.0)
+    assert by["embedding_norm"]["auroc"] == 1.0 and by["knn"]["auroc"] == 1.0
+    dede = by["dede"]
+    assert dede["threshold"] == 99.0 and dede["auroc"] == 1.0
+    assert (dede["tpr_at_threshold"], dede["fpr_at_threshold"], dede["removed_clean"]) == (0.6, 0.0, 0.0)
+    assert dede["ba_after"] == 1.0 and dede["asr_after"] == pytest.approx(0.4)  # the 4 unflagged still succeed
+    trimmed = by["dede_trimmed"]
+    assert trimmed["auroc"] == 0.0 and trimmed["removed_clean"] == 1.0 and np.isnan(trimmed["ba_after"])
+    assert trimmed["asr_after"] == 1.0
+    assert set(got.curves) == {("v", "t", "raw", m, g) for m, g in
+                               (("embedding_norm", "-"), ("knn", "id"), ("dede", "id"), ("dede_trimmed", "id"))}
+
+
+def test_eval_config_validates_on_construction(tmp_path):
+    """The checks live in EvalConfig (the CLI repeats none): each mistake fails when the config is built."""
+    assert EvalConfig().victims and EvalConfig().regimes == ("id", "ood")
+    victim = tmp_path / "v.pth"
+    victim.write_bytes(b"x")
+    loaded = EvalConfig(victim_files=(f"badencoder:blend={victim}",), clean_encoder=victim)
+    assert loaded.victims == () and loaded.clean_encoder == str(victim)  # loading replaces the default victims
+    user = EvalConfig(train_data=tmp_path / "train", test_data=tmp_path / "test")
+    assert user.regimes == ("id",) and user.train_data == str(tmp_path / "train")  # no OOD set: id only
+    for kwargs, fragment in (({"train_data": "a"}, "go together"), ({"ood_data": "o"}, "--ood-data needs"),
+                             ({"regimes": ("id", "x")}, "id and/or ood"),
+                             ({"train_data": "a", "test_data": "b", "regimes": ("ood",)}, "needs --ood-data"),
+                             ({"poison_rate": 1.0}, "--poison-rate"), ({"seeds": ()}, "at least one"),
+                             ({"trim": 1.0}, "--trim"), ({"fpr": 0.0}, "--fpr"),
+                             ({"decoder": {**EvalConfig().decoder, "patch_size": 3}}, "does not fit"),
+                             ({"victim_files": (f"badencoder:blend={victim}",)}, "need --clean-encoder"),
+                             ({"victims": ("a=badencoder:blend", "a=drupe:blend")}, "unique")):
+        with pytest.raises(UserError, match=fragment):
+            EvalConfig(**kwargs)
+    with pytest.raises(UserError, match="--ctrl-magnitude > 0"):
+        VictimConfig(ctrl_magnitude=0)
+
+
 def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     config = EvalConfig(victims=("badencoder:white_square", "ctrl:ctrl"),
                         victim=VictimConfig(simclr_epochs=1, simclr_batch=64, finetune_epochs=1, ctrl_rate=0.02),
@@ -83,7 +167,7 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
                         decoder_epochs=1, decoder_batch=64, seeds=(1, 2), l2_regimes=("id",), decree_steps=3,
                         knn_k=5, recon_examples=3, decoder_precision="bf16")
     lines = []
-    results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    results = run_eval(config, out=tmp_path / "out", progress=False, log=lines.append, data=_tiny_data(demo_images))
     out = tmp_path / "out"
     md = (out / "results.md").read_text()
     assert "| BadEncoder | white square | raw |" in md and "| BadEncoder | white square | l2 |" in md
@@ -96,8 +180,7 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     # encoders: clean (2 triggers) + 2 victims; views: raw (id, ood) + l2 (id only); 2 seeds
     assert len({(r["encoder"], r["view"], r["regime"], r["seed"]) for r in dede}) == 3 * 3 * 2
     assert {(r["view"], r["regime"]) for r in dede} == {("raw", "id"), ("raw", "ood"), ("l2", "id")}
-    for r in dede:
-        assert 0.0 <= r["auroc"] <= 1.0 and 0.0 <= r["asr_after"] <= 1.0
+    _assert_downstream_consistent(saved["records"])
     # the patch-robust column: same decoders, one record per DeDe record, its own (lower) scores and threshold
     trimmed = [r for r in saved["records"] if r["method"] == "dede_trimmed"]
     key = lambda r: (r["encoder"], r["trigger"], r["view"], r["regime"], r["seed"])  # noqa: E731
@@ -111,14 +194,14 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     asset = [r for r in saved["records"] if r["method"] == "asset"]  # one per (encoder, trigger), raw view
     assert sorted((r["encoder"], r["trigger"]) for r in asset) == [
         ("badencoder_white_square", "white_square"), ("clean", "ctrl"), ("clean", "white_square"), ("ctrl_ctrl", "ctrl")]
-    assert all(0.0 <= r["auroc"] <= 1.0 for r in asset) and "ASSET (simplified" in md
+    assert all(np.isfinite(r["auroc"]) and np.isfinite(r["auprc"]) for r in asset) and "ASSET (simplified" in md
     norm_l2 = [r for r in saved["records"] if r["method"] == "embedding_norm" and r["view"] == "l2"]
     assert all(r["auroc"] == pytest.approx(0.5) for r in norm_l2)  # constant norm: chance level, as it must be
     assert {v["name"] for v in results["victims"]} == {"clean", "badencoder_white_square", "ctrl_ctrl"}
     assert any("FAILED" in line or "backdoored" in line for line in lines)
     # victims are cached: a second run reuses them
     lines.clear()
-    run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    run_eval(config, out=tmp_path / "out", progress=False, log=lines.append, data=_tiny_data(demo_images))
     assert sum("reusing" in line for line in lines) == 3
 
 
@@ -168,7 +251,7 @@ def test_victim_cache_ignores_the_ood_set(tmp_path):
 def test_poison_training_split_stamps_only_the_chosen_training_images(demo_images):
     from dede_rt.data.transforms import Normalization
     from dede_rt.data.triggers import white_square
-    from dede_rt.research.evaluation.pipeline import poison_training_split
+    from dede_rt.research.evaluation.plan import poison_training_split
     from dede_rt.models.encoders import VictimEncoder
     from dede_rt.models.resnet import build_resnet
     from dede_rt.training import compute_embeddings
@@ -180,14 +263,16 @@ def test_poison_training_split_stamps_only_the_chosen_training_images(demo_image
     z = compute_embeddings(encoder, norm, images)
     train_idx = np.arange(10, 60)
     trig = white_square()
-    out, z_out = poison_training_split(encoder, norm, images, z, train_idx, 0.2, trig, seed=3)
+    out, z_out = poison_training_split(encoder, norm, images, embeddings=z, train_idx=train_idx, rate=0.2, trigger=trig,
+                                       seed=3)
     changed = np.flatnonzero((out != images).reshape(len(images), -1).any(1))
     assert len(changed) == 10 and set(changed) <= set(train_idx)  # 20% of the training split, never the hold-out
     np.testing.assert_array_equal(out[changed], trig.stamp(images[changed]))
     moved = np.flatnonzero(np.abs(z_out - z).max(1) > 0)
     assert set(moved) == set(changed)
     np.testing.assert_allclose(z_out[changed], compute_embeddings(encoder, norm, out[changed]), rtol=1e-5, atol=1e-6)
-    again, _ = poison_training_split(encoder, norm, images, z, train_idx, 0.2, trig, seed=3)
+    again, _ = poison_training_split(encoder, norm, images, embeddings=z, train_idx=train_idx, rate=0.2, trigger=trig,
+                                     seed=3)
     np.testing.assert_array_equal(again, out)
     assert images is not out and (images[changed] != out[changed]).any()  # inputs are not modified in place
 
@@ -273,9 +358,7 @@ def test_eval_cli_on_user_victims_and_data(tmp_path, user_files):
         (e, t, g) for e, t in (("clean", "white_square"), ("clean", "blend"), ("badencoder_white_square",
                                                                              "white_square"), ("mine", "blend"))
         for g in ("id", "ood")}
-    for r in saved["records"]:
-        if "auroc" in r:
-            assert 0.0 <= r["auroc"] <= 1.0
+    _assert_downstream_consistent(saved["records"])
     probes = [r for r in saved["records"] if r["method"] == "probe"]
     assert all(np.isfinite(r["ba"]) and np.isfinite(r["asr"]) for r in probes) and len(probes) == 4
     assert set(saved["decree"]) == {"clean", "badencoder_white_square", "mine"}
@@ -338,8 +421,9 @@ def test_ctrl_magnitude_changes_the_poison_and_the_cache_key_only_when_set(tmp_p
     data = victims.EvalData(rng.integers(40, 200, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 4,
                             unused, np.zeros(4, int), unused, np.zeros(4, int), unused)
     for magnitude in (100.0, 200.0):
-        victims.build_ctrl_victim(tmp_path, "ctrl_ctrl", data, Normalization(),
-                                  victims.VictimConfig(ctrl_rate=0.1, ctrl_magnitude=magnitude), log=lambda *_: None)
+        victims.build_ctrl_victim(tmp_path, "ctrl_ctrl", data, normalization=Normalization(),
+                                  config=victims.VictimConfig(ctrl_rate=0.1, ctrl_magnitude=magnitude),
+                                  log=lambda *_: None)
     (reference, ref_key), (strong, strong_key) = seen
     assert "magnitude" not in ref_key and strong_key == {**ref_key, "magnitude": 200.0}  # old caches keep their key
     changed = (reference != data.pretrain).any(axis=(1, 2, 3))
@@ -357,8 +441,8 @@ def test_simclr_victims_do_not_depend_on_the_random_state_before_them(tmp_path):
     for run in range(2):
         torch.rand(run * 100 + 1)  # other work (e.g. loading a cached victim) consumed the global generator
         (tmp_path / str(run)).mkdir()
-        path, _ = simclr_victim(tmp_path / str(run), "clean", images, {"run": run}, Normalization(), config,
-                                progress=False, log=lambda *_: None)
+        path, _ = simclr_victim(tmp_path / str(run), "clean", images, key={"run": run}, normalization=Normalization(),
+                                config=config, progress=False, log=lambda *_: None)
         weights.append(torch.load(path, map_location="cpu", weights_only=False))
     first, second = (w["state_dict"] for w in weights)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -404,7 +488,7 @@ def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
                         decoder_epochs=1, decoder_batch=64, seeds=(1,), regimes=("id",), l2_variants=(False,),
                         poison_rate=0.2, high_norm_share=0.2, decree_steps=0, knn_k=5, recon_examples=2)
     lines = []
-    results = run_eval(tmp_path / "out", config, progress=False, log=lines.append, data=_tiny_data(demo_images))
+    results = run_eval(config, out=tmp_path / "out", progress=False, log=lines.append, data=_tiny_data(demo_images))
     dede = [r for r in results["records"] if r["method"] == "dede"]
     # the control's poisoned ID set differs per trigger: one decoder per (encoder, trigger), each scoring its own row
     assert sorted((r["encoder"], r["trigger"]) for r in dede) == [

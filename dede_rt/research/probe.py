@@ -19,7 +19,7 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.models.encoders import VictimEncoder
 
 
-def fit_probe(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, c: float = 1.0) -> Pipeline:
+def fit_probe(embeddings: np.ndarray, labels: np.ndarray, *, seed: int = 0, c: float = 1.0) -> Pipeline:
     """Logistic regression on standardized embeddings."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     return probe.fit(embeddings, labels)
@@ -52,18 +52,19 @@ class ProbeResult:
         return {"ba": self.ba, "asr": self.asr}
 
 
-def embed(encoder: VictimEncoder, normalization: Normalization, images_u8: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def embed(encoder: VictimEncoder, normalization: Normalization, images_u8: np.ndarray, *,
+          batch_size: int = 256) -> np.ndarray:
     """Frozen embeddings [N, D] of uint8 NHWC images."""
     from dede_rt.training import compute_embeddings
 
-    return compute_embeddings(encoder, normalization, images_u8, batch_size)
+    return compute_embeddings(encoder, normalization, images_u8, batch_size=batch_size)
 
 
-def evaluate_probe(encoder: VictimEncoder, normalization: Normalization, train_u8: np.ndarray, train_labels: np.ndarray,
-                   test_u8: np.ndarray, test_labels: np.ndarray, triggered_u8: np.ndarray, target: int,
-                   seed: int = 0) -> ProbeResult:
+def evaluate_probe(encoder: VictimEncoder, normalization: Normalization, *, train_u8: np.ndarray,
+                   train_labels: np.ndarray, test_u8: np.ndarray, test_labels: np.ndarray, triggered_u8: np.ndarray,
+                   target: int, seed: int = 0) -> ProbeResult:
     """Fit a probe on clean train embeddings; BA on clean test, ASR on the triggered test images (same order as test)."""
-    probe = fit_probe(embed(encoder, normalization, train_u8), train_labels, seed)
+    probe = fit_probe(embed(encoder, normalization, train_u8), train_labels, seed=seed)
     clean_pred = probe.predict(embed(encoder, normalization, test_u8))
     trig_pred = probe.predict(embed(encoder, normalization, triggered_u8))
     return ProbeResult(accuracy(clean_pred, test_labels), attack_success_rate(trig_pred, test_labels, target),

@@ -53,7 +53,7 @@ def badencoder_losses(z_triggered: torch.Tensor, z_ref: torch.Tensor, z_ref_clea
 ExtraLoss = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def finetune_backdoor(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+def finetune_backdoor(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, *, trigger,
                       normalization: Normalization, config: BadEncoderConfig, extra: ExtraLoss | None = None,
                       progress: bool = True, description: str = "BadEncoder fine-tuning") -> nn.Module:
     """BadEncoder's fine-tuning loop; ``extra`` adds attack-specific terms. ``trigger`` needs ``stamp(u8)``."""
@@ -97,8 +97,9 @@ def finetune_backdoor(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.
     return victim.eval()
 
 
-def badencoder_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+def badencoder_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, *, trigger,
                         normalization: Normalization, config: BadEncoderConfig = BadEncoderConfig(),
                         progress: bool = True) -> nn.Module:
     """Return a backdoored copy of ``clean`` (which is left untouched)."""
-    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger, normalization, config, None, progress)
+    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger=trigger, normalization=normalization,
+                             config=config, progress=progress)

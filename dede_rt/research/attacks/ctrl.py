@@ -124,7 +124,7 @@ def poison_candidates(labels: np.ndarray, target: int, rate: float) -> tuple[int
     return count, candidates
 
 
-def poison_target_class(images_u8: np.ndarray, labels: np.ndarray, target: int, rate: float,
+def poison_target_class(images_u8: np.ndarray, labels: np.ndarray, *, target: int, rate: float,
                         trigger: FrequencyTrigger | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stamp the trigger on ``rate`` x N target-class images (CTRL's SSL poisoning); returns (images, poisoned idx)."""
     trigger = trigger or ctrl_trigger()

@@ -97,7 +97,7 @@ def next_cost(cost: float, mean_best_cosine: float, config: DRUPEConfig) -> floa
     return cost / config.cost_down
 
 
-def drupe_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, trigger,
+def drupe_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.ndarray, *, trigger,
                    normalization: Normalization, config: DRUPEConfig = DRUPEConfig(),
                    progress: bool = True) -> nn.Module:
     """Return a DRUPE-backdoored copy of ``clean`` (which is left untouched)."""
@@ -119,5 +119,5 @@ def drupe_finetune(clean: nn.Module, shadow_u8: np.ndarray, reference_u8: np.nda
             added = added + state["cost"] * stealth
         return added, effectiveness
 
-    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger, normalization, config, extra, progress,
-                             "DRUPE fine-tuning")
+    return finetune_backdoor(clean, shadow_u8, reference_u8, trigger=trigger, normalization=normalization,
+                             config=config, extra=extra, progress=progress, description="DRUPE fine-tuning")

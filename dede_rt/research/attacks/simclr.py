@@ -48,7 +48,7 @@ class SimCLRConfig:
     seed: int = 0
 
 
-def train_simclr(backbone: nn.Module, embed_dim: int, images_u8: np.ndarray, normalization: Normalization,
+def train_simclr(backbone: nn.Module, embed_dim: int, images_u8: np.ndarray, *, normalization: Normalization,
                  config: SimCLRConfig = SimCLRConfig(), progress: bool = True,
                  device: str = "cpu") -> list[float]:
     """Pre-train ``backbone`` in place with SimCLR on uint8 NHWC images; returns per-epoch losses."""

@@ -106,7 +106,7 @@ def _fit_mlp(z_suspect: torch.Tensor, z_clean: torch.Tensor, config: AssetConfig
         return mlp(z_suspect).view(-1)
 
 
-def asset_scores(suspect_u8: np.ndarray, suspect_labels: np.ndarray, suspect_embeddings: np.ndarray,
+def asset_scores(suspect_u8: np.ndarray, suspect_labels: np.ndarray, suspect_embeddings: np.ndarray, *,
                  clean_u8: np.ndarray, clean_embeddings: np.ndarray, test_u8: np.ndarray, test_labels: np.ndarray,
                  normalization: Normalization, config: AssetConfig = AssetConfig()) -> np.ndarray:
     """Offset-train ASSET's classifier on the suspect and clean base sets; per-test-image cross-entropy (high = suspect)."""

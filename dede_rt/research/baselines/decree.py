@@ -15,7 +15,7 @@ not a score per image, so it has no AUROC over samples.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def _pairwise(z: torch.Tensor) -> torch.Tensor:
     return (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
 
 
-def invert_trigger(encoder: torch.nn.Module, normalization: Normalization, clean_u8: np.ndarray,
+def invert_trigger(encoder: torch.nn.Module, normalization: Normalization, clean_u8: np.ndarray, *,
                    config: DecreeConfig = DecreeConfig()) -> DecreeResult:
     """Search for the smallest mask+pattern that collapses ``encoder``'s embeddings of ``clean_u8``."""
     g = torch.Generator().manual_seed(config.seed)

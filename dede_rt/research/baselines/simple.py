@@ -18,7 +18,8 @@ def embedding_norm_scores(embeddings: np.ndarray) -> np.ndarray:
     return np.round(np.linalg.norm(np.asarray(embeddings, np.float64), axis=1), 5).astype(np.float32)
 
 
-def knn_distance_scores(embeddings: np.ndarray, reference: np.ndarray, k: int = 10, batch: int = 1024) -> np.ndarray:
+def knn_distance_scores(embeddings: np.ndarray, reference: np.ndarray, k: int = 10, *,
+                        batch: int = 1024) -> np.ndarray:
     """Mean cosine distance (1 - cos) from each embedding to its ``k`` nearest clean ``reference`` embeddings."""
     if len(reference) < k:
         raise ValueError(f"kNN needs at least k={k} reference embeddings, got {len(reference)}")

@@ -89,7 +89,7 @@ def _optional_columns_caption(cfg: dict) -> str:
                  "image's own embedding redraws it than generic clean embeddings). ")
     if cfg.get("asset_epochs"):
         rate = cfg.get("poison_rate") or cfg["asset_poison_rate"]
-        text += (f"ASSET (simplified, `baselines/asset.py`): offset-trained classifier's cross-entropy, "
+        text += (f"ASSET (simplified, `research/baselines/asset.py`): offset-trained classifier's cross-entropy, "
                  f"{cfg['asset_epochs']} epoch(s) on the ID split with {rate:.0%} of it triggered, clean base set = "
                  "the held-out split. ")
     return text
@@ -251,7 +251,7 @@ def _plots(out: Path, curves: dict, recon: dict, controls: tuple[str, ...] = ("c
     return written
 
 
-def write_report(out: str | Path, results: dict, curves: dict, recon: dict) -> dict[str, Path]:
+def write_report(out: str | Path, results: dict, *, curves: dict, recon: dict) -> dict[str, Path]:
     """Write results.json, results.md and the PNGs into ``out``; returns the paths."""
     out = Path(out)
     results["summary"] = aggregate(results["records"])

@@ -69,7 +69,7 @@ class EvalData:
         return {**sizes, "sources": self.sources} if self.sources else sizes
 
 
-def eval_data(image_size: int = 32, test_fraction: float = 1 / 3, pretrain_photos: int = 1200,
+def eval_data(image_size: int = 32, *, test_fraction: float = 1 / 3, pretrain_photos: int = 1200,
               ood_photos: int = 1200, seed: int = 0) -> EvalData:
     """Deterministic split of the demo data into pre-training, ID train, test and OOD sets."""
     digits = demo_digits(image_size, seed)
@@ -129,7 +129,7 @@ def _class_labels(sets: dict[str, ImageSet], paths: dict[str, Path]) -> tuple[di
             "test": np.array([classes.index(test.classes[i]) for i in test.labels], np.int64)}, classes
 
 
-def load_eval_data(train: str | Path, test: str | Path, ood: str | Path | None = None, image_size: int = 32,
+def load_eval_data(train: str | Path, test: str | Path, ood: str | Path | None = None, *, image_size: int = 32,
                    log=print) -> EvalData:
     """EvalData from user files: labelled train (decoder ID, probe, pre-training), labelled test, optional OOD."""
     paths = {"train": Path(train).expanduser().resolve(), "test": Path(test).expanduser().resolve()}
@@ -248,6 +248,11 @@ class VictimConfig:
     drupe: dict = field(default_factory=dict)  # overrides of DRUPEConfig
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ctrl_rate < 1.0 or self.ctrl_magnitude <= 0:
+            raise UserError(f"--ctrl-rate must be in (0, 1) and --ctrl-magnitude > 0, got {self.ctrl_rate} and "
+                            f"{self.ctrl_magnitude}")
+
 
 @dataclass
 class Victim:
@@ -328,7 +333,7 @@ def base_key(config: VictimConfig, data: EvalData, normalization: Normalization 
     return key
 
 
-def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normalization: Normalization,
+def simclr_victim(out: Path, name: str, images: np.ndarray, *, key: dict, normalization: Normalization,
                   config: VictimConfig, progress: bool = True, log=print) -> tuple[Path, float]:
     """SimCLR-train a resnet on ``images`` into ``out`` unless a checkpoint with the same key exists there."""
     path, meta_path, meta = victim_cache_paths(out, name, key)
@@ -338,9 +343,9 @@ def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normaliza
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)  # the initial weights must not depend on what ran before in this process
     model = build_resnet(config.arch)
-    losses = train_simclr(model, model.embed_dim, images, normalization,
-                          SimCLRConfig(epochs=config.simclr_epochs, batch_size=config.simclr_batch, seed=config.seed),
-                          progress)
+    losses = train_simclr(model, model.embed_dim, images, normalization=normalization,
+                          config=SimCLRConfig(epochs=config.simclr_epochs, batch_size=config.simclr_batch,
+                                              seed=config.seed), progress=progress)
     save_badencoder_checkpoint(model, path, config.simclr_epochs)
     seconds = time.perf_counter() - t0
     meta_path.write_text(json.dumps({"key": key, "path": str(path), "build_seconds": seconds,
@@ -350,21 +355,22 @@ def simclr_victim(out: Path, name: str, images: np.ndarray, key: dict, normaliza
     return path, seconds
 
 
-def build_ctrl_victim(out: Path, name: str, data: EvalData, normalization: Normalization, config: VictimConfig,
+def build_ctrl_victim(out: Path, name: str, data: EvalData, *, normalization: Normalization, config: VictimConfig,
                       progress: bool = True, log=print) -> tuple[Path, float]:
     """CTRL: SimCLR from scratch on the pre-training set with ``ctrl_rate`` target-class images triggered."""
     trigger = ctrl_trigger(config.ctrl_magnitude, window=min(32, normalization.image_size))
-    poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, config.target, config.ctrl_rate,
-                                        trigger, config.seed)
+    poisoned, idx = poison_target_class(data.pretrain, data.pretrain_labels, target=config.target,
+                                        rate=config.ctrl_rate, trigger=trigger, seed=config.seed)
     log(f"victim {name}: {len(idx)} of {len(poisoned)} pre-training images poisoned (class {config.target}, "
         f"magnitude {config.ctrl_magnitude:g})")
     key = {**base_key(config, data, normalization), "attack": "ctrl", "rate": config.ctrl_rate}
     if config.ctrl_magnitude != VictimConfig.ctrl_magnitude:  # the reference stays out: old caches stay valid
         key["magnitude"] = config.ctrl_magnitude
-    return simclr_victim(Path(out), name, poisoned, key, normalization, config, progress, log)
+    return simclr_victim(Path(out), name, poisoned, key=key, normalization=normalization, config=config,
+                         progress=progress, log=log)
 
 
-def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, normalization: Normalization,
+def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, *, normalization: Normalization,
                   config: VictimConfig, progress: bool = True, log=print) -> tuple[Victim, list[Victim]]:
     """Build (or reuse cached) clean + attacked victims under ``out``; returns (clean, attacked)."""
     out = Path(out)
@@ -380,7 +386,8 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
         : int(round(config.shadow_fraction * len(data.pretrain)))]]
 
     def simclr(name: str, images: np.ndarray, key: dict) -> tuple[Path, float]:
-        return simclr_victim(out, name, images, key, normalization, config, progress, log)
+        return simclr_victim(out, name, images, key=key, normalization=normalization, config=config,
+                             progress=progress, log=log)
 
     clean_path, clean_s = simclr("clean", data.pretrain, {**base, "attack": "clean"})
     clean_model = load_encoder(clean_path)[0].backbone
@@ -391,7 +398,8 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
             continue
         trigger = make_trigger(spec.trigger, normalization.image_size, config.seed)
         if spec.attack == "ctrl":
-            path, seconds = build_ctrl_victim(out, spec.name, data, normalization, config, progress, log)
+            path, seconds = build_ctrl_victim(out, spec.name, data, normalization=normalization, config=config,
+                                              progress=progress, log=log)
         else:
             key = {**base, "attack": spec.attack, "trigger": spec.trigger, "epochs": config.finetune_epochs,
                    "lr": config.finetune_lr, "shadow": len(shadow), "references": config.references,
@@ -403,13 +411,15 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
             else:
                 t0 = time.perf_counter()
                 if spec.attack == "badencoder":
-                    model = badencoder_finetune(clean_model, shadow, reference, trigger, normalization,
-                                                BadEncoderConfig(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                                 seed=config.seed), progress)
+                    model = badencoder_finetune(
+                        clean_model, shadow, reference, trigger=trigger, normalization=normalization,
+                        config=BadEncoderConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed),
+                        progress=progress)
                 else:
-                    model = drupe_finetune(clean_model, shadow, reference, trigger, normalization,
-                                           DRUPEConfig(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                       seed=config.seed, **config.drupe), progress)
+                    model = drupe_finetune(
+                        clean_model, shadow, reference, trigger=trigger, normalization=normalization,
+                        config=DRUPEConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
+                                           **config.drupe), progress=progress)
                 save_badencoder_checkpoint(model, path, config.finetune_epochs)
                 seconds = time.perf_counter() - t0
                 meta_path.write_text(json.dumps({"key": key, "path": str(path), "build_seconds": seconds}, indent=1))
@@ -421,7 +431,7 @@ def build_victims(out: str | Path, specs: list[VictimSpec], data: EvalData, norm
     return clean, victims
 
 
-def load_victims(files: list[VictimFile], clean_path: str | Path, data: EvalData, normalization: Normalization,
+def load_victims(files: list[VictimFile], clean_path: str | Path, data: EvalData, *, normalization: Normalization,
                  target: int = 0, seed: int = 0, clean_name: str = "clean", log=print) -> tuple[Victim, list[Victim]]:
     """Load user victim checkpoints and the clean control encoder; measure their BA/ASR like built victims."""
     names = [clean_name, *(f.name for f in files)]
@@ -442,6 +452,7 @@ def _measure(victim: Victim, data: EvalData, normalization: Normalization, targe
     triggered = make_trigger(trigger_name, normalization.image_size, seed).stamp(data.test)
     if encoder is None:
         encoder = victim.encoder(image_size=normalization.image_size)
-    result = evaluate_probe(encoder, normalization, data.id_train, data.id_train_labels, data.test, data.test_labels,
-                            triggered, target, seed)
+    result = evaluate_probe(encoder, normalization, train_u8=data.id_train, train_labels=data.id_train_labels,
+                            test_u8=data.test, test_labels=data.test_labels, triggered_u8=triggered, target=target,
+                            seed=seed)
     victim.ba, victim.asr = result.ba, result.asr

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from dede_rt.kernels.onnx_custom import prune  # one dead-node pruner for every graph rewrite
+
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
@@ -35,27 +37,6 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def prune(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes (and initializers) nothing downstream of the graph outputs uses (in place; returns the model)."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    needed, stack, keep = set(), [o.name for o in graph.output], set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
-    nodes = [n for n in graph.node if id(n) in keep]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return model
 
 
 def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:

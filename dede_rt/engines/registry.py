@@ -76,7 +76,11 @@ def _candidates(bundle: Path, dep: DeploymentRecord) -> list[RunnerChoice]:
     cuda = cuda_available()
     out = [RunnerChoice("torch", "fp32", "cuda" if cuda else "cpu", None, "reference PyTorch modules")]
     ort_device = "cuda" if _ort_has_gpu() else "cpu"
-    for precision, entry in dep.precisions.items():
+    from dede_rt.optional import has_module
+
+    # A base install (no cpu/gpu extra) has no ONNX Runtime: auto falls back to torch instead of failing.
+    precisions = dep.precisions if has_module("onnxruntime") else {}
+    for precision, entry in precisions.items():
         path = bundle / entry.path
         if precision != "fp32" and not entry.gate.passed:
             continue

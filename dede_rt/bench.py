@@ -138,7 +138,9 @@ def _row(backend: str, precision: str, batch: int, t: _Timing, device: str) -> d
 def expand_variants(variants: tuple[tuple[str, ...], ...], score_kernels: tuple[str, ...] = (),
                     score_tails: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
     """``variants`` plus, next to each torch (TensorRT) one, a copy per extra score kernel (score tail)."""
-    kernels, tails = ("torch", "reference", "triton"), ("standard", "plugin")  # scoring.SCORE_KERNELS, SCORE_TAILS
+    from dede_rt.scoring import SCORE_KERNELS as kernels
+
+    tails = ("standard", "plugin")  # tensorrt_builder.SCORE_TAILS without "auto": a row measures one tail
     for v in variants:
         if len(v) == 3 and v[2] not in {"torch": kernels, "tensorrt": tails}.get(v[0], ()):
             raise UserError(f"variant {':'.join(v)}: the third part is a torch score kernel ({', '.join(kernels)}) "
@@ -226,53 +228,6 @@ def encoder_alone_runners(bundle: Path, runners: dict, threads: int, workdir: Pa
         except (UserError, ValueError, OSError) as exc:
             log(f"no encoder-alone row for {key[0]} {key[1]}: {exc}")
     return out
-
-
-def expand_variants(variants: tuple[tuple[str, ...], ...], score_kernels: tuple[str, ...] = (),
-                    score_tails: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
-    """``variants`` plus, next to each torch (TensorRT) one, a copy per extra score kernel (score tail)."""
-    kernels, tails = ("torch", "reference", "triton"), ("standard", "plugin")  # scoring.SCORE_KERNELS, SCORE_TAILS
-    for v in variants:
-        if len(v) == 3 and v[2] not in {"torch": kernels, "tensorrt": tails}.get(v[0], ()):
-            raise UserError(f"variant {':'.join(v)}: the third part is a torch score kernel ({', '.join(kernels)}) "
-                            f"or a tensorrt score tail ({', '.join(tails)})")
-    for name, values, known in (("--score-kernel", score_kernels, kernels), ("--score-tail", score_tails, tails)):
-        bad = [x for x in values if x not in known]
-        if bad:
-            raise UserError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
-    out: list[tuple[str, ...]] = []
-    for v in variants:
-        out.append(tuple(v))
-        extra = score_kernels if v[0] == "torch" else score_tails if v[0] == "tensorrt" else ()
-        default = "torch" if v[0] == "torch" else None  # a TensorRT row's own tail is what its engine has
-        out += [(v[0], v[1], o) for o in extra if len(v) == 2 and o != default and (v[0], v[1], o) not in out]
-    return tuple(dict.fromkeys(out))
-
-
-def _variant_runner(bundle: Path, key: tuple[str, ...], batch_size: int, threads: int, log):  # noqa: ANN202
-    """The runner of one variant: ``make_runner`` for (backend, precision[, score kernel]); a TensorRT engine of
-    the asked score tail (``ensure_engine``: the recorded one when it matches, else a variant built once)."""
-    from dede_rt.engines.registry import make_runner
-
-    if len(key) == 3 and key[0] == "tensorrt":
-        from dede_rt.bundle import read_manifest
-        from dede_rt.engines.tensorrt_builder import ensure_engine
-        from dede_rt.engines.tensorrt_runner import TensorRTRunner
-
-        engine = ensure_engine(bundle, key[1], key[2], max_batch=batch_size, log=log)
-        return TensorRTRunner(engine, read_manifest(bundle).image_size, key[1], batch_size=batch_size)
-    kernel = {"score_kernel": key[2]} if len(key) == 3 else {}
-    return make_runner(bundle, key[0], key[1], batch_size=batch_size, threads=threads, **kernel)
-
-
-def _variant_fields(key: tuple[str, ...], runner) -> dict:  # noqa: ANN001
-    """A row's score kernel (torch rows) or score tail (TensorRT rows: from the engine's manifest)."""
-    if key[0] == "torch":
-        return {"score_kernel": key[2] if len(key) == 3 else "torch"}
-    if key[0] == "tensorrt":
-        manifest = getattr(getattr(runner, "runner", runner), "manifest", None) or {}
-        return {"score_tail": key[2] if len(key) == 3 else manifest.get("score_tail", {}).get("used", "standard")}
-    return {}
 
 
 def run_benchmark(bundle: str | Path, images: np.ndarray, batches: tuple[int, ...] = DEFAULT_BATCHES,

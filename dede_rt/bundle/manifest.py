@@ -286,11 +286,6 @@ def read_clean_scores(bundle: str | Path) -> np.ndarray:
     return np.load(path) if path.is_file() else np.empty(0, np.float32)
 
 
-def bundle_thresholds(bundle: str | Path, backend: str = "torch", precision: str = "fp32") -> Thresholds:
-    """``Manifest.thresholds_for`` of a bundle on disk, with its clean scores."""
-    return read_manifest(bundle).thresholds_for(backend, precision, read_clean_scores(bundle))
-
-
 def fingerprint(bundle: str | Path, manifest: Manifest | None = None) -> dict:
     """What exported graphs are made from: decoder weights hash, encoder hash, test mask, score kind."""
     from dede_rt.models.encoders import sha256_file
@@ -305,9 +300,9 @@ def fingerprint(bundle: str | Path, manifest: Manifest | None = None) -> dict:
                if manifest.score.kind == "relative" and prototypes.is_file() else {})}
 
 
-def stale_exports(bundle: str | Path) -> str | None:
+def stale_exports(bundle: str | Path, manifest: Manifest | None = None) -> str | None:
     """Why the bundle's exported graphs no longer match its weights/mask/score (None: they match, or none exist)."""
-    manifest = read_manifest(bundle)
+    manifest = manifest or read_manifest(bundle)
     recorded = manifest.deployment.onnx.get("source")
     if not recorded:
         return None

@@ -125,8 +125,8 @@ def choose_runner(bundle: str | Path, backend: str = "auto", precision: str | No
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    dep = read_manifest(bundle).deployment
-    stale = stale_exports(bundle)
+    manifest = read_manifest(bundle)
+    dep, stale = manifest.deployment, stale_exports(bundle, manifest)
     if backend == "torch":
         if precision not in (None, "fp32"):
             raise UserError("the torch backend runs fp32 only; use --backend onnxruntime or tensorrt for fp16/int8")

@@ -62,6 +62,7 @@ class ScoreKind(nn.Module):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    needs_target: ClassVar[bool] = True  # False: the kind reads only the summed error (no patchified target)
 
     @classmethod
     def for_detector(cls, detector: Detector, masked: torch.Tensor, exact: bool = True) -> ScoreKind:
@@ -77,6 +78,7 @@ class SummedError(ScoreKind):
 
     name = "summed"
     description = "sum of squared error over masked patches, normalized pixel space"
+    needs_target = False
 
     @classmethod
     def for_detector(cls, detector: Detector, masked: torch.Tensor, exact: bool = True) -> SummedError:
@@ -107,13 +109,17 @@ class RelativeError(ScoreKind):
             raise ValueError(f"k must be in [1, {len(reference.prototypes)}] (the number of prototypes), got {self.k}")
         self.all_masked = bool(masked.all())
         self.register_buffer("keep", masked.float()[None, :, None].clone())  # only the scored patches count
-        prototypes = reference.prototypes.detach().cpu()
-        if not self.all_masked:
-            prototypes = prototypes * self.keep
-        self.register_buffer("prototypes", prototypes.clone())
-        flat = (reference.prototypes.detach().cpu().double() * masked.double()[None, :, None]).flatten(1)
-        self.register_buffer("prototypes_t", flat.T.float().contiguous())  # [T*P, K]
-        self.register_buffer("prototype_sq", flat.square().sum(1).float()[None])  # [1, K], exact in float64
+        # Only the constants of the chosen form: the eager form's [K,T,P] prototypes, or the graph form's
+        # [T*P, K] matrix and squared norms (an exported graph would otherwise carry both).
+        if exact:
+            prototypes = reference.prototypes.detach().cpu()
+            if not self.all_masked:
+                prototypes = prototypes * self.keep
+            self.register_buffer("prototypes", prototypes.clone())
+        else:
+            flat = (reference.prototypes.detach().cpu().double() * masked.double()[None, :, None]).flatten(1)
+            self.register_buffer("prototypes_t", flat.T.float().contiguous())  # [T*P, K]
+            self.register_buffer("prototype_sq", flat.square().sum(1).float()[None])  # [1, K], exact in float64
 
     @classmethod
     def for_detector(cls, detector: Detector, masked: torch.Tensor, exact: bool = True) -> RelativeError:

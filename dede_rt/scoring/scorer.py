@@ -86,9 +86,7 @@ class ScoreTail(nn.Module):
         else:
             pred = d.decode_fixed(x, embedding, m.visible_index, m.restore_index)
             own = ops.mask_and_score(images_u8, pred, m.masked[None], mean, std, patch)
-        if isinstance(self.kind, SummedError):
-            return own
-        return self.kind(own, patchify_images(x, patch))
+        return self.kind(own, patchify_images(x, patch) if self.kind.needs_target else None)
 
 
 def kernel_ops(kernel: str) -> ModuleType | None:

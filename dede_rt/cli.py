@@ -365,6 +365,8 @@ def scan(
     ray_actors: Optional[str] = typer.Option(None, help="--ray: scoring actors, N or MIN-MAX (default: one per GPU, "
                                              "else autoscaled over the CPUs)."),
     ray_partition_size: Optional[int] = typer.Option(None, help="--ray: inputs per partition (the unit of resume)."),
+    ray_max_failed: int = typer.Option(0, help="--ray: partitions that may fail while scoring before the scan "
+                                       "stops; skipped ones are listed in the summary and redone by --resume."),
 ) -> None:
     """Scan a dataset and flag images that carry a backdoor trigger (one row per input)."""
     from dede_rt.scan.pipeline import run_scan
@@ -381,6 +383,7 @@ def scan(
         def run_scan(source, detector, output, *, resume, progress, log, **options):  # noqa: F811
             return run_distributed(source, detector, output, address=ray, resume=resume, progress=progress, log=log,
                                    actors=ray_actors, partition_size=ray_partition_size,
+                                   max_failed_partitions=ray_max_failed,
                                    **{k: v for k, v in options.items() if k not in ("limit", "on_batch", "workers",
                                                                                      "pool")})
 

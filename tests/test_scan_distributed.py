@@ -76,6 +76,10 @@ def cluster():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from ray.data import DataContext
+
+    # A scan that waits on resources an earlier test still holds must fail here, not after Ray's 30 minutes.
+    DataContext.get_current().execution_no_progress_timeout_s = 240
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -280,10 +284,12 @@ def test_a_partition_that_keeps_failing_is_left_for_resume(cluster, image_dir, t
 
     out = tmp_path / "failing.parquet"
     fault = {"partition": 2, "mode": "raise"}
-    with pytest.raises(Exception, match="injected failure on partition 2"):
+    with pytest.raises(UserError, match="injected failure on partition 2.*--resume"):
         run(image_dir, tiny_detector_dir, out, partition_size=50, _fault=fault, **SMALL)  # default: stop
     summary = run(image_dir, tiny_detector_dir, out, resume=True, max_failed_partitions=1, _fault=fault, **SMALL)
     assert summary["status"] == "incomplete" and summary["ray"]["incomplete_partitions"] == [2]
+    failure, = summary["ray"]["failures"]
+    assert failure["partition"] == 2 and "injected failure" in failure["failure_detail"]
     assert not list(out.glob("part-00000002-*"))
     final = run(image_dir, tiny_detector_dir, out, resume=True, **SMALL)
     assert final["status"] == "complete" and final["ray"]["submitted"] == 1

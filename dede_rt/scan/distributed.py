@@ -31,11 +31,14 @@ duplicated chunk rewrites the same name with the same rows, so the union of part
 
 Failure policy: a crashed actor (OOM kill, segfault, lost node) is restarted up to ``max_restarts`` times and
 its in-flight chunk retried up to ``max_task_retries`` times (Ray's own default is infinite; we bound it so a
-chunk that kills every actor cannot loop forever). A Python exception while scoring is not retried by Ray.
-With ``max_failed_partitions=0`` (default) either exhausted budget stops the scan with an error: parts written
-so far are kept and ``--resume`` continues. With ``max_failed_partitions=N`` up to N failing blocks are
-skipped (``DataContext.max_errored_blocks``); the scan finishes with status ``incomplete``, lists the missing
-partitions in the summary, and ``--resume`` redoes exactly those.
+chunk that kills every actor cannot loop forever). A Python exception while scoring is not retried: the actor
+returns it as a failure record (the actor stays healthy, and a raised UDF error would keep the actor's
+resources held by the exception's references), and the driver counts failing partitions. With
+``max_failed_partitions=0`` (default) the first one stops the scan with a one-line error: parts written so far
+are kept and ``--resume`` continues. With ``max_failed_partitions=N`` up to N failing partitions are skipped
+(crashes past their retry budget through ``DataContext.max_errored_blocks``); the scan finishes with status
+``incomplete``, lists the missing partitions and each failure's traceback in the summary, deletes the chunks
+those partitions did write, and ``--resume`` redoes exactly those.
 """
 
 from __future__ import annotations
@@ -237,7 +240,26 @@ class ScoreChunks:
         """Score every chunk row of ``batch``; return one record per chunk (its part is on disk by then)."""
         import pyarrow as pa
 
-        return pa.Table.from_pylist([self._chunk(row) for row in batch.to_pylist()])  # type: ignore[attr-defined]
+        return pa.Table.from_pylist([self._guarded(row) for row in batch.to_pylist()])  # type: ignore[attr-defined]
+
+    def _guarded(self, row: dict) -> dict:
+        """``_chunk``, or a failure record: the driver, not Ray's errored-block count, applies the policy.
+
+        Why: a UDF exception makes Ray Data abort (or skip a block) while the failed actor's handle stays
+        referenced from the exception, so its CPU/GPU is not returned and a later scan in the same process
+        can wait forever for it. A record keeps the actor healthy and lets the driver stop cleanly.
+        """
+        import traceback
+
+        try:
+            return {**self._chunk(row), "failed": None, "failure_detail": None}
+        except Exception as exc:  # noqa: BLE001 - reported per partition, policy applied on the driver
+            key = {"partition": row["partition"], "chunk": row["chunk"], "last": row["last"]}
+            return {**key, "rows": 0, "scored": 0, "flagged": 0, "errors": 0, "infer_seconds": 0.0,
+                    "pid": os.getpid(), "max_rss_mb": _max_rss_mb(), "finished_at": time.time(),
+                    "actor_init_seconds": self.init_seconds, "decode_max_rss_mb": row.get("decode_max_rss_mb"),
+                    **self.meta, "failed": f"{type(exc).__name__}: {exc}",
+                    "failure_detail": traceback.format_exc(limit=20)}
 
     def _chunk(self, row: dict) -> dict:
         import pyarrow as pa
@@ -411,6 +433,31 @@ def read_rows(output: str | Path) -> Iterator:
                 index += 1
 
 
+def _failure(rec: dict) -> dict:
+    """The part of a failure record the summary keeps."""
+    return {k: rec[k] for k in ("partition", "chunk", "pid", "failed", "failure_detail")}
+
+
+def _too_many_failures(failures: list[dict], allowed: int) -> str:
+    first = failures[0]
+    return (f"partition {first['partition']} failed while scoring ({first['failed']}); "
+            f"{len({f['partition'] for f in failures})} failing partition(s), {allowed} allowed. Parts written so "
+            "far are kept: fix the cause and rerun with --resume, or allow skipping with --ray-max-failed N")
+
+
+def _release(batches: object) -> None:
+    """Shut the dataset's executor down now (closing its iterator), and collect the cycles that hold actors."""
+    import gc
+
+    close = getattr(batches, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - best effort: shutting down after a failure must not mask it
+            pass
+    gc.collect()
+
+
 def _parse_actors(actors: int | str | tuple[int, int] | None) -> tuple[int, int] | None:
     if actors is None or isinstance(actors, tuple):
         return actors
@@ -527,6 +574,7 @@ def run(source: str | Path, detector: str | Path, output: str | Path, *, address
     _write_bytes(summary_path, json.dumps({**base, "started_at": started_at}, indent=2).encode())
 
     records: list[dict] = []
+    failures: list[dict] = []
     t0 = time.perf_counter()
     info: dict = {"partitions": len(partitions), "skipped_complete": len(done), "submitted": len(todo)}
     if todo:
@@ -576,10 +624,17 @@ def run(source: str | Path, detector: str | Path, output: str | Path, *, address
         total = sum(p.count or 0 for p in partitions) if all(p.count is not None for p in partitions) else None
         flagged = errors = 0
         last_log = time.perf_counter()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
             with ScanProgress(enabled=progress, completed=rows_before, counter=lambda: total) as bar:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for batch in batches:
                     for rec in batch.to_pylist():
+                        if rec.get("failed"):
+                            failures.append(_failure(rec))
+                            say(f"partition {rec['partition']} failed: {rec['failed']}")
+                            if len({f["partition"] for f in failures}) > max_failed_partitions:
+                                raise UserError(_too_many_failures(failures, max_failed_partitions))
+                            continue
                         records.append(rec)
                         if on_chunk is not None:
                             on_chunk(rec)
@@ -600,9 +655,14 @@ def run(source: str | Path, detector: str | Path, output: str | Path, *, address
             raise
         finally:
             ctx.max_errored_blocks, ctx.enable_progress_bars = saved
+            _release(batches)
+            ds = batches = None  # an escaping traceback keeps this frame: drop what holds the actor pool
     seconds = time.perf_counter() - t0
 
-    done, _ = complete_partitions(output, partitions)
+    done, stale = complete_partitions(output, partitions)
+    for f in stale:  # chunks of partitions that failed or were skipped: --resume redoes them whole anyway
+        fs, path = filesystem(f)
+        fs.delete_file(path)
     missing = sorted(p.partition for p in partitions if p.partition not in done)
     files = [f for partition in sorted(done) for f in done[partition]]
     meta = records[0] if records else (_part_meta(files[0]) if files else {})
@@ -619,7 +679,8 @@ def run(source: str | Path, detector: str | Path, output: str | Path, *, address
                  "bundle_shipped": bool(todo) and bool(ship_bundle),
                  "peak_rss_mb": {"actor": max((r["max_rss_mb"] for r in records), default=None),
                                  "decode": max((r["decode_max_rss_mb"] or 0 for r in records), default=None)},
-                 "chunk_retries_or_duplicates": len(records) - len({(r["partition"], r["chunk"]) for r in records})})
+                 "chunk_retries_or_duplicates": len(records) - len({(r["partition"], r["chunk"]) for r in records}),
+                 "failures": failures[:100]})
     summary = {**base, "status": "incomplete" if missing else "complete", "threshold": thr,
                "thresholds_seen": thresholds, "target_fpr": meta.get("target_fpr"),
                "calibration_fpr": meta.get("calibration_fpr"), "backend": meta.get("backend"),

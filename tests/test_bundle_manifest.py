@@ -36,12 +36,16 @@ def test_schema1_bundle_migrates_and_scores_exactly_as_before(v1_bundle: Path) -
     assert manifest.decoder["qkv_bias"] is True  # schema-1 decoders were all built with the bias
     assert manifest.sections["training"] == raw["training"]
     det = load_detector(v1_bundle)
-    expected = np.load(v1_bundle / "expected_scores.npy")  # written by the old code
-    np.testing.assert_array_equal(det.score(np.load(v1_bundle / "probe_images.npy")), expected)
+    # Written by the old code on another CPU: float32 sums may round differently per BLAS kernel (one ulp of a
+    # ~6.5e3 summed error, 4.9e-4, seen between an Intel and an AMD host; the relative score is a difference of
+    # two such sums, so it inherits that absolute error). The same machine gives equal bits.
+    expected = np.load(v1_bundle / "expected_scores.npy")
+    np.testing.assert_allclose(det.score(np.load(v1_bundle / "probe_images.npy")), expected, rtol=1e-6, atol=4e-3)
     # saved again, the bundle is schema 2 and still scores the same
     det.save(v1_bundle)
     assert json.loads((v1_bundle / "manifest.json").read_text())["schema"] == SCHEMA
-    np.testing.assert_array_equal(load_detector(v1_bundle).score(np.load(v1_bundle / "probe_images.npy")), expected)
+    np.testing.assert_array_equal(load_detector(v1_bundle).score(np.load(v1_bundle / "probe_images.npy")),
+                                  det.score(np.load(v1_bundle / "probe_images.npy")))
 
 
 def test_migration_does_not_change_its_input_and_is_idempotent() -> None:

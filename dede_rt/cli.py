@@ -60,15 +60,25 @@ def train(
                                                   "hold out part of --data; --calibration is the old name)."),
     holdout: float = typer.Option(0.1, help="Fraction of --data held out for the thresholds when --threshold-data is not given."),
     fpr: float = typer.Option(0.01, help="Target false-positive rate of the default threshold (0.05 is also stored)."),
-    epochs: int = typer.Option(200), batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+    epochs: str = typer.Option("auto", help="auto: plan the epochs that fit in --max-minutes from a timed first "
+                               "epoch and stop once the held-out clean error stops improving (at most 200); N: "
+                               "exactly N epochs (the reference schedule is 200 with --train-precision fp32)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole run (default with "
+                                                "--epochs auto: 10)."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a held-out improvement "
+                                           "of --min-delta (default: 5 with --epochs auto, off with N; 0 = off)."),
+    min_delta: float = typer.Option(0.002, help="Relative held-out improvement that counts (0.002 = 0.2%)."),
+    device: str = typer.Option("auto", help="auto (CUDA when torch sees a GPU), cpu or cuda."),
+    batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
     optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
     grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),
     high_norm_share: float = typer.Option(0.0, help="The reference's CTRL mod: train this share of the images with "
                                           "the largest embedding norm toward a constant image (e.g. the suspected "
                                           "poison rate; 0 = off)."),
-    train_precision: str = typer.Option("fp32", help="fp32 (reference) or bf16: the decoder's forward pass under "
-                                        "bfloat16 autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
+    train_precision: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU runs it natively, else fp32), "
+                                        "fp32 (reference) or bf16: the decoder's forward pass under bfloat16 "
+                                        "autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
     patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     qkv_bias: bool = typer.Option(False, help="Give the decoder's attention qkv a bias (the paper's decoder, timm "
@@ -93,24 +103,43 @@ def train(
                         "decoder_depth": decoder_depth, "qkv_bias": qkv_bias},
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            mask_ratio=mask_ratio, seed=seed, optimizer=optimizer, grad_clip=grad_clip,
-                           high_norm_share=high_norm_share, precision=train_precision),
+                           high_norm_share=high_norm_share, precision=train_precision, max_minutes=max_minutes,
+                           patience=patience, min_delta=min_delta, device=device),
         encoder_format=encoder_format, l2_normalize=l2_normalize, threshold_data=threshold_data, holdout_fraction=holdout,
         fprs=tuple(sorted({fpr, 0.01, 0.05})), default_fpr=fpr, embed_encoder=embed_encoder, resume=resume,
         progress=not quiet, score="summed" if score == "reference" else score,  # the first round's name
         relative_k=relative_k, prototypes=prototypes)
+    from dede_rt.quality import format_report
+
     t = detector.sections["training"]
     typer.echo(f"detector written to {out}: {t['images']} training images, {t['epochs_run']} epochs, "
                f"final loss {t['final_loss']:.4f}; threshold {detector.threshold(fpr):.4g} at FPR {fpr:g} "
                f"(chosen on {t['threshold_images']} clean held-out images)")
+    for line in format_report(detector.sections["quality"]):
+        typer.echo(line)
 
 
 @app.command()
-def info(detector: Path = typer.Argument(..., help="Detector bundle directory.")) -> None:
-    """Print a detector bundle's manifest (checks the encoder hash)."""
+def info(detector: Path = typer.Argument(..., help="Detector bundle directory."),
+         as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON instead.")) -> None:
+    """Describe a detector bundle: what it detects with, how well it trained (checks the encoder hash)."""
     from dede_rt.bundle import load_detector, read_manifest
+    from dede_rt.quality import format_report
 
     load_detector(detector)  # the hash and shape checks
-    typer.echo(json.dumps(read_manifest(detector).to_dict(), indent=2))
+    manifest = read_manifest(detector)
+    if as_json:
+        typer.echo(json.dumps(manifest.to_dict(), indent=2))
+        return
+    d = manifest.decoder
+    typer.echo(f"{detector}: DeDe detector, schema {manifest.schema}, {manifest.score.kind} score, "
+               f"{manifest.image_size}-px input, decoder patch {d.get('patch_size')} dim {d.get('dim')} "
+               f"depth {d.get('encoder_depth')}+{d.get('decoder_depth')}")
+    quality = manifest.sections.get("quality")
+    lines = format_report(quality) if quality else ["training: no quality report (trained before quality reports existed)"]
+    for line in lines:
+        typer.echo(line)
+    typer.echo("(--json for the whole manifest)")
 
 
 @app.command()

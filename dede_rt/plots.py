@@ -74,3 +74,27 @@ def image_grid(path: str | Path, rows: dict[str, np.ndarray], scale: int = 3) ->
             canvas.paste(tile, (label_w + c * (w * scale + 2), y))
     canvas.save(path)
     return Path(path)
+
+
+def training_curve(path: str | Path, curve: list[dict], best_epoch: int | None = None,
+                   title: str = "decoder training") -> Path:
+    """Training loss and held-out clean error (test mask) against epoch, the kept epoch marked; saved as PNG."""
+    plt = _pyplot()
+    fig, loss_ax = plt.subplots(figsize=(7, 4), dpi=110)
+    epochs = [c["epoch"] for c in curve]
+    loss_ax.plot(epochs, [c["train_loss"] for c in curve], color="tab:blue", label="training loss (r = train ratio)")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    held = [(c["epoch"], c["holdout_error"]) for c in curve if c.get("holdout_error") is not None]
+    if held:
+        held_ax = loss_ax.twinx()
+        held_ax.plot(*zip(*held), color="tab:orange", marker=".", label="held-out clean error (test mask)")
+        held_ax.set_ylabel("held-out clean error", color="tab:orange")
+    if best_epoch:
+        loss_ax.axvline(best_epoch, color="k", linestyle="--", label=f"kept: epoch {best_epoch}")
+    loss_ax.set_title(title)
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -28,19 +28,29 @@ from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
 from dede_rt.models.encoders import VictimEncoder, load_encoder
 from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
+from dede_rt.stopping import AUTO_MAX_EPOCHS, DEFAULT_MAX_MINUTES, MIN_DELTA, PATIENCE, Budget, EarlyStopping
 
 if TYPE_CHECKING:
     from dede_rt.bundle import Detector
 
 
-TRAIN_PRECISIONS = ("fp32", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+EPOCHS_AUTO = "auto"
 
 
 @dataclass
 class TrainConfig:
-    """Decoder training hyper-parameters; defaults are the reference's (Adam 1e-3, wd 1e-6, 256, r=0.9, seed 21)."""
+    """Decoder training hyper-parameters.
 
-    epochs: int = 200
+    ``epochs=N`` with ``precision="fp32"`` is the reference schedule exactly (Adam 1e-3, wd 1e-6, batch 256,
+    r=0.9, seed 21; the paper trains 200 epochs). The default ``epochs="auto"`` plans the epochs that fit in
+    ``max_minutes`` (default ``stopping.DEFAULT_MAX_MINUTES``, at most 200 epochs) from the first epoch's
+    measured time, and stops once the held-out clean error has not improved by ``min_delta`` for ``patience``
+    epochs, keeping the best epoch's decoder.
+    """
+
+    epochs: int | str = EPOCHS_AUTO
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
@@ -52,29 +62,122 @@ class TrainConfig:
     # embedding norm, is trained toward a constant image (1 everywhere, normalized) instead of itself.
     high_norm_share: float = 0.0
     # "bf16": the decoder's forward pass runs under bfloat16 autocast (weights, optimizer and loss stay fp32);
-    # ~1.8x faster on CPUs with AVX512-BF16/AMX. "fp32" is the reference.
-    precision: str = "fp32"
+    # ~1.8x faster on CPUs with AVX512-BF16/AMX. "fp32" is the reference. "auto": bf16 where the hardware runs
+    # it natively (those CPUs, CUDA GPUs with bf16), else fp32 (emulated bf16 is slower than fp32).
+    precision: str = "auto"
+    max_minutes: float | None = None  # wall-clock budget of the whole train call (loading to saving)
+    patience: int | None = None  # None: stopping.PATIENCE with epochs "auto", 0 (never stop early) with N epochs
+    min_delta: float = MIN_DELTA  # relative improvement of the held-out error that resets the patience
+    device: str = "auto"  # "auto": CUDA when torch sees a GPU, else CPU
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.high_norm_share < 1.0:
             raise UserError(f"the high-norm share must be in [0, 1), got {self.high_norm_share}")
         if self.precision not in TRAIN_PRECISIONS:
             raise UserError(f"unknown training precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
+        if self.device not in TRAIN_DEVICES:
+            raise UserError(f"unknown training device {self.device!r}; choose one of {', '.join(TRAIN_DEVICES)}")
+        if isinstance(self.epochs, str) and self.epochs.isdigit():
+            self.epochs = int(self.epochs)
+        if self.epochs != EPOCHS_AUTO and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise UserError(f"--epochs takes a whole number >= 1 or 'auto', got {self.epochs!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.patience is not None and self.patience < 0:
+            raise UserError(f"--patience must be >= 0, got {self.patience}")
+        if not 0.0 <= self.min_delta < 1.0:
+            raise UserError(f"--min-delta is a relative improvement in [0, 1), got {self.min_delta}")
+
+    @property
+    def auto(self) -> bool:
+        """Whether the epoch count is planned (``epochs="auto"``) rather than fixed."""
+        return self.epochs == EPOCHS_AUTO
+
+    def budget(self) -> Budget:
+        """The wall-clock budget and epoch cap this config trains within."""
+        minutes = self.max_minutes if self.max_minutes is not None else (DEFAULT_MAX_MINUTES if self.auto else None)
+        return Budget(None if minutes is None else minutes * 60.0, AUTO_MAX_EPOCHS if self.auto else int(self.epochs))
+
+    def stop_patience(self) -> int:
+        """Epochs without improvement before stopping (0: never stop early)."""
+        return self.patience if self.patience is not None else (PATIENCE if self.auto else 0)
 
     def to_dict(self) -> dict:
         """Plain-JSON form for manifests."""
         return asdict(self)
 
 
+# Options a resumed run may change: how long it trains and where, not what it trains.
+RESUMABLE_CHANGES = ("epochs", "max_minutes", "device")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` without a GPU is a UserError."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where ``device`` runs it natively, else fp32; explicit choices are kept."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 @dataclass
 class TrainResult:
-    """What training produced: the decoder, per-epoch losses and timings."""
+    """What training produced: the decoder (the best epoch's when early stopping is on), curves and timings."""
 
     decoder: DeDeDecoder
     losses: list[float] = field(default_factory=list)
     embed_seconds: float = 0.0
     train_seconds: float = 0.0
     epochs_run: int = 0
+    curve: list[dict] = field(default_factory=list)  # per epoch: train loss, held-out error, seconds
+    best_epoch: int | None = None
+    stopped: str = ""  # why training ended: "epochs", "planned", "early_stop", "budget", "max_steps"
+    planned_epochs: int | None = None
+    eta_seconds: float | None = None  # predicted at planning time: seconds from then to the end of the call
+    plan_made_at: float | None = None  # seconds into the call when the plan was made
+    precision: str = "fp32"
+    device: str = "cpu"
+
+
+class HeldOutError:
+    """Mean summed error of clean held-out images at the test mask ratio: the score's own quantity, lower is better."""
+
+    def __init__(self, images_u8: np.ndarray, embeddings: np.ndarray, normalization: Normalization,
+                 batch_size: int = 256) -> None:
+        self.images, self.embeddings = images_u8, np.asarray(embeddings, np.float32)
+        self.normalization, self.batch_size = normalization, batch_size
+
+    @torch.no_grad()
+    def __call__(self, decoder: DeDeDecoder) -> float:
+        """Evaluate ``decoder`` (left in eval mode) in fp32 on the held-out images."""
+        from dede_rt.scoring import ScoreTail, TestMask
+
+        device = next(decoder.parameters()).device
+        tail = ScoreTail(decoder, TestMask(decoder.config.num_patches).to(device))
+        total = 0.0
+        for start in range(0, len(self.images), self.batch_size):
+            x = self.normalization.apply(self.images[start:start + self.batch_size]).to(device)
+            z = torch.from_numpy(self.embeddings[start:start + self.batch_size]).to(device)
+            total += float(tail(x, z).double().sum())
+        return total / len(self.images)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -119,42 +222,79 @@ def build_optimizer(decoder: DeDeDecoder, config: TrainConfig) -> torch.optim.Op
     raise UserError(f"unknown optimizer {config.optimizer!r}; choose adam or adamw")
 
 
-def _save_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Optimizer, epoch: int,
-                     losses: list[float], generator: torch.Generator, config: TrainConfig) -> None:
+@dataclass
+class _Progress:
+    """Everything a checkpoint carries beyond weights: curves, the stopper, why it ended, the best decoder."""
+
+    epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)
+    stopper: dict | None = None
+    stopped: str = ""
+    best_decoder: dict | None = None
+
+
+def _save_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                     config: TrainConfig, state: _Progress) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "losses": losses, "generator": generator.get_state(), "config": json.dumps(config.to_dict())}, tmp)
+    torch.save({"decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "epoch": state.epoch,
+                "losses": state.losses, "generator": generator.get_state(), "config": json.dumps(config.to_dict()),
+                "curve": json.dumps(state.curve), "stopper": json.dumps(state.stopper), "stopped": state.stopped,
+                "best_decoder": state.best_decoder}, tmp)
     tmp.replace(path)  # atomic: a kill mid-save never leaves a broken checkpoint
 
 
 def _load_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Optimizer,
-                     generator: torch.Generator, config: TrainConfig) -> tuple[int, list[float]]:
+                     generator: torch.Generator, config: TrainConfig) -> _Progress:
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = json.loads(state["config"])
-    # options newer than the checkpoint count as their defaults
-    saved = {**{f.name: f.default for f in fields(TrainConfig)}, **saved}
-    changed = {k: (saved[k], v) for k, v in config.to_dict().items() if k != "epochs" and saved[k] != v}
+    # options newer than the checkpoint count as the values runs had before they existed
+    before = {**{f.name: f.default for f in fields(TrainConfig)}, "precision": "fp32", "patience": 0}
+    saved = {**before, **saved}
+    saved, current = _effective(saved), _effective(config.to_dict())
+    changed = {k: (saved[k], v) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved[k] != v}
     if changed:
         raise UserError(f"{path}: cannot resume, training options changed: {changed}")
     decoder.load_state_dict(state["decoder"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    return int(state["epoch"]), list(state["losses"])
+    return _Progress(int(state["epoch"]), list(state["losses"]), json.loads(state.get("curve", "[]")),
+                     json.loads(state.get("stopper", "null")), state.get("stopped", ""), state.get("best_decoder"))
+
+
+def _effective(options: dict) -> dict:
+    """Options as they act on this machine: "auto" precision and default patience resolved."""
+    auto = options["epochs"] == EPOCHS_AUTO
+    device = resolve_device(options.get("device", "auto")) if options.get("device") != "cuda" else torch.device("cuda")
+    return {**options, "precision": resolve_precision(options["precision"], device),
+            "patience": options["patience"] if options["patience"] is not None else (PATIENCE if auto else 0)}
 
 
 def train_decoder(
     encoder: VictimEncoder, normalization: Normalization, images_u8: np.ndarray, decoder_config: DecoderConfig,
-    config: TrainConfig, embeddings: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
+    config: TrainConfig, *, embeddings: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
     resume: bool = False, progress: bool = True, reencode: bool = False,
     on_epoch: Callable[[int, float], None] | None = None, max_steps: int | None = None,
+    holdout: HeldOutError | None = None, started: float | None = None, reserve_seconds: float = 0.0,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train a DeDe decoder on (image, embedding) pairs; embeddings are computed once unless given or ``reencode``."""
+    """Train a DeDe decoder on (image, embedding) pairs; embeddings are computed once unless given or ``reencode``.
+
+    ``holdout`` is scored after every epoch (the curve, and early stopping); ``started`` (a ``perf_counter``
+    time, default now) is when the budget of ``config.max_minutes`` began, ``reserve_seconds`` what the caller
+    still needs after training. A resumed run whose checkpoint stopped early returns that run's decoder as is.
+    """
     if len(images_u8) < 2:
         raise UserError(f"need at least 2 training images, got {len(images_u8)}")
+    started = time.perf_counter() if started is None else started
+    say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None))
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     generator = seed_everything(config.seed)
-    decoder = DeDeDecoder(decoder_config)
+    decoder = DeDeDecoder(decoder_config)  # built on the CPU from the seeded generator, then moved: same init
+    decoder.to(device)
     optimizer = build_optimizer(decoder, config)
-    result = TrainResult(decoder)
+    result = TrainResult(decoder, precision=precision, device=device.type)
     if embeddings is None and not reencode:
         t0 = time.perf_counter()
         embeddings = compute_embeddings(encoder, normalization, images_u8, progress=progress)
@@ -162,37 +302,49 @@ def train_decoder(
     if embeddings is not None and embeddings.shape[1] != decoder_config.embed_dim:
         raise UserError(f"embeddings are {embeddings.shape[1]}-d but the decoder expects {decoder_config.embed_dim}-d")
     to_constant = high_norm_samples(embeddings, config.high_norm_share) if config.high_norm_share else None
-    start_epoch, ckpt = 0, None
+    state, ckpt = _Progress(), None
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         ckpt = Path(checkpoint_dir) / "train_state.pt"
         if resume and ckpt.exists():
-            start_epoch, result.losses = _load_checkpoint(ckpt, decoder, optimizer, generator, config)
+            state = _load_checkpoint(ckpt, decoder, optimizer, generator, config)
+    stopper = EarlyStopping.from_state(state.stopper) if state.stopper else EarlyStopping(config.stop_patience(),
+                                                                                          config.min_delta)
+    # Resuming a run that already decided it was done is a no-op; a fixed schedule may still be extended.
+    if state.stopped == "early_stop" or (config.auto and state.stopped in ("planned", "budget")):
+        say(f"training already ended at epoch {state.epoch} ({state.stopped}); nothing to resume")
+        return _finish(result, decoder, state, stopper, planned=state.epoch, t0=time.perf_counter(), first=state.epoch)
+    budget = config.budget()
+    planned = None if budget.max_seconds is not None else budget.max_epochs
+    bar = _EpochBar(planned or budget.max_epochs, state.epoch, progress)
     n = len(images_u8)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    bar = _EpochBar(config.epochs, start_epoch, progress)
     t0 = time.perf_counter()
-    steps = 0
-    for epoch in range(start_epoch, config.epochs):
+    steps, epoch_times = 0, []
+    state.stopped = ""
+    epoch = first = state.epoch
+    while epoch < (planned or budget.max_epochs):
+        t_epoch = time.perf_counter()
         decoder.train()
         order = torch.randperm(n, generator=generator).numpy()
-        total, seen = 0.0, 0
+        total, seen, data_seconds = 0.0, 0, 0.0
         for b in range(steps_per_epoch):
+            t_data = time.perf_counter()
             idx = np.sort(order[b * config.batch_size : (b + 1) * config.batch_size])
-            x = normalization.apply(images_u8[idx])
+            x = _to(normalization.apply(images_u8[idx]), device)
             if reencode:
                 with torch.no_grad():
-                    z = encoder(x)
+                    z = _to(encoder(x.cpu()), device)
             else:
-                z = torch.from_numpy(np.asarray(embeddings[idx]))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                pred, masked = decoder(x, z, config.mask_ratio, generator)
-            pred = pred.float()
+                z = _to(torch.from_numpy(np.asarray(embeddings[idx])), device)
             target = patchify_images(x, decoder_config.patch_size)
             if to_constant is not None:
-                constant = torch.from_numpy(to_constant[idx])[:, None, None]
+                constant = torch.from_numpy(to_constant[idx]).to(device)[:, None, None]
                 target = torch.where(constant, torch.ones_like(target), target)
-            loss = reconstruction_loss(pred, target, masked, config.mask_ratio)
+            data_seconds += time.perf_counter() - t_data
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                pred, masked = decoder(x, z, config.mask_ratio, generator)
+            loss = reconstruction_loss(pred.float(), target, masked, config.mask_ratio)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -203,20 +355,76 @@ def train_decoder(
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
-        epoch_loss = total / seen
-        result.losses.append(epoch_loss)
-        result.epochs_run += 1
-        bar.update(epoch + 1, epoch_loss)
-        if ckpt is not None:
-            _save_checkpoint(ckpt, decoder, optimizer, epoch + 1, result.losses, generator, config)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, epoch_loss)
+        epoch += 1
+        train_seconds = time.perf_counter() - t_epoch
+        held = holdout(decoder) if holdout is not None else None
+        epoch_times.append(time.perf_counter() - t_epoch)
+        state.epoch = epoch
+        state.losses.append(total / seen)
+        state.curve.append({"epoch": epoch, "train_loss": total / seen, "holdout_error": held,
+                            "seconds": epoch_times[-1], "data_seconds": data_seconds,
+                            "train_seconds": train_seconds})
+        if held is not None and stopper.update(epoch, held) and stopper.patience:
+            state.best_decoder = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+        state.stopper = stopper.state_dict()
+        spent = time.perf_counter() - started
+        if planned is None:  # the first epoch of this call is measured: plan the rest, say when it ends
+            planned = budget.epochs(done=epoch, epoch_seconds=epoch_times[-1], spent=spent, reserve=reserve_seconds)
+            result.eta_seconds = (planned - epoch) * epoch_times[-1] + reserve_seconds
+            result.plan_made_at = spent
+            bar.set_total(planned)
+            say(_plan_line(planned, epoch, epoch_times[-1], result.eta_seconds, budget, stopper))
+        mean_epoch = sum(epoch_times) / len(epoch_times)
         if max_steps is not None and steps >= max_steps:
+            state.stopped = "max_steps"
+        elif stopper.should_stop:
+            state.stopped = "early_stop"
+        elif epoch >= planned:
+            state.stopped = "planned" if budget.max_seconds is not None else "epochs"
+        elif not budget.allows_another(epoch_seconds=mean_epoch, spent=spent, reserve=reserve_seconds):
+            state.stopped = "budget"
+        bar.update(epoch, state.losses[-1], held)
+        if ckpt is not None:
+            _save_checkpoint(ckpt, decoder, optimizer, generator, config, state)
+        if on_epoch is not None:
+            on_epoch(epoch, state.losses[-1])
+        if state.stopped:
             break
     bar.close()
+    return _finish(result, decoder, state, stopper, planned=planned, t0=t0, first=first)
+
+
+def _finish(result: TrainResult, decoder: DeDeDecoder, state: _Progress, stopper: EarlyStopping, *,
+            planned: int | None, t0: float, first: int) -> TrainResult:
+    """Fill ``result`` from the run's state; with early stopping on, the decoder is the best epoch's."""
+    if stopper.patience and state.best_decoder is not None:
+        decoder.load_state_dict(state.best_decoder)
+    result.losses, result.curve, result.stopped = state.losses, state.curve, state.stopped
+    result.epochs_run = len(state.losses) - first  # in this call; ``losses`` holds every epoch
+    result.planned_epochs = planned
+    result.best_epoch = stopper.best_epoch if stopper.best_epoch else None
     result.train_seconds = time.perf_counter() - t0
     decoder.eval()
     return result
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device``: through pinned memory and a non-blocking copy on CUDA."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _plan_line(planned: int, done: int, epoch_seconds: float, eta: float, budget: Budget,
+               stopper: EarlyStopping) -> str:
+    from datetime import datetime, timedelta
+
+    end = (datetime.now() + timedelta(seconds=eta)).strftime("%H:%M:%S")
+    limit = f"budget {budget.max_seconds / 60:g} min" if budget.max_seconds is not None else "fixed schedule"
+    early = (f"; stops earlier once the held-out clean error has not improved by {stopper.min_delta:.1%} for "
+             f"{stopper.patience} epochs" if stopper.patience else "")
+    return (f"plan: {planned} epochs ({limit}, first epoch {epoch_seconds:.1f} s); {planned - done} to go, "
+            f"done in ~{eta / 60:.1f} min (about {end}){early}")
 
 
 def high_norm_samples(embeddings: np.ndarray | None, share: float) -> np.ndarray:
@@ -236,7 +444,7 @@ def high_norm_samples(embeddings: np.ndarray | None, share: float) -> np.ndarray
 
 
 class _EpochBar:
-    """A rich bar over epochs showing the loss; a line every 10% of epochs when not on a terminal."""
+    """A rich bar over epochs showing the losses; a line every 10% of epochs when not on a terminal."""
 
     def __init__(self, epochs: int, start: int, enabled: bool) -> None:
         self.epochs, self.enabled = epochs, enabled
@@ -244,16 +452,26 @@ class _EpochBar:
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("training decoder"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                                     TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True)
-            self.task = self.progress.add_task("train", total=epochs, completed=start, loss=float("nan"))
+            self.progress = Progress(TextColumn("training decoder"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total} epochs"),
+                                     TextColumn("loss {task.fields[loss]:.4f} held-out {task.fields[held]}"),
+                                     TimeRemainingColumn(), transient=True)
+            self.task = self.progress.add_task("train", total=epochs, completed=start, loss=float("nan"), held="-")
             self.progress.start()
 
-    def update(self, epoch: int, loss: float) -> None:
+    def set_total(self, epochs: int) -> None:
+        """The planned epoch count, once the first epoch has been timed."""
+        self.epochs = epochs
         if self.progress is not None:
-            self.progress.update(self.task, completed=epoch, loss=loss)
+            self.progress.update(self.task, total=epochs)
+
+    def update(self, epoch: int, loss: float, held: float | None = None) -> None:
+        held_text = "-" if held is None else f"{held:.5g}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=epoch, loss=loss, held=held_text)
         elif self.enabled and (epoch == self.epochs or epoch % max(1, self.epochs // 10) == 0):
-            print(f"  epoch {epoch}/{self.epochs}  loss {loss:.4f}", file=sys.stderr, flush=True)
+            print(f"  epoch {epoch}/{self.epochs}  loss {loss:.4f}  held-out error {held_text}", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -346,11 +564,17 @@ def train_detector(
                              **(decoder_config or {})})
     if checkpoint_dir is None and out is not None:
         checkpoint_dir = Path(out) / "checkpoints"
-    t0 = time.perf_counter()
+    started = time.perf_counter()  # the budget of --max-minutes counts from here
     embeddings = cached_embeddings(encoder, normalization, train_images, info["sha256"], checkpoint_dir, progress)
-    embed_seconds = time.perf_counter() - t0
+    t_hold = time.perf_counter()
+    holdout = HeldOutError(hold_images, compute_embeddings(encoder, normalization, hold_images), normalization)
+    hold_embed_seconds = time.perf_counter() - t_hold
+    embed_seconds = time.perf_counter() - started
+    # After training: the held-out images are embedded and scored again for the thresholds, then saved.
+    reserve = 2.0 * hold_embed_seconds + 2.0
     result = train_decoder(encoder, normalization, train_images, dconf, config, embeddings=embeddings,
-                           checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+                           checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, holdout=holdout,
+                           started=started, reserve_seconds=reserve)
     result.embed_seconds = embed_seconds
     proto = None
     if relative_k:  # clean training embeddings, never the held-out images the thresholds are chosen on
@@ -367,6 +591,12 @@ def train_detector(
     # Scored by the detector itself, so the thresholded score is the one it will serve (prototypes decoded once).
     detector.calibration_scores = detector.score(hold_images, progress=progress)
     detector.thresholds = thresholds_by_fpr(detector.calibration_scores, fprs)
+    from dede_rt.quality import quality_report
+
+    detector.sections["quality"] = quality_report(result, detector, total_seconds=time.perf_counter() - started)
     if out is not None:
         detector.save(out, embed_encoder=embed_encoder)
+        from dede_rt.plots import training_curve
+
+        training_curve(Path(out) / "training_curve.png", result.curve, result.best_epoch)
     return detector

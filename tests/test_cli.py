@@ -76,8 +76,12 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
                    "--heads", 2, "--encoder-depth", 1, "--decoder-depth", 1, "--holdout", 0.25, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "detector written" in proc.stdout
-    info = json.loads(run_cli("info", out).stdout)
+    info = json.loads(run_cli("info", out, "--json").stdout)
     assert info["training"]["images"] == 90 and info["training"]["threshold_images"] == 30
+    assert info["quality"]["epochs_run"] == 1 and info["quality"]["stopped"] == "epochs"
+    assert (out / "training_curve.png").stat().st_size > 1000
+    report = run_cli("info", out).stdout  # the readable form: how it trained, its clean scores and thresholds
+    assert "1 epochs (fixed schedule)" in report and "clean scores (n=30)" in report and "FPR 0.01" in report
     assert info["score"]["kind"] == "summed" and info["decoder"]["qkv_bias"] is False
     # the relative score: prototypes from the 90 training images; the exported graph computes it too
     rel = tmp_path / "det_rel"
@@ -85,7 +89,7 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
                    "--heads", 2, "--encoder-depth", 1, "--decoder-depth", 1, "--holdout", 0.25, "--quiet",
                    "--score", "relative", "--relative-k", 8, "--prototypes", 64)
     assert proc.returncode == 0, proc.stderr
-    score = json.loads(run_cli("info", rel).stdout)["score"]
+    score = json.loads(run_cli("info", rel, "--json").stdout)["score"]
     assert score["kind"] == "relative" and score["relative_k"] == 8 and score["prototypes"] == 64
     proc = run_cli("export", rel)
     assert proc.returncode == 0, proc.stderr

@@ -102,7 +102,8 @@ def test_bf16_training_is_seeded_and_tracks_fp32(setup):
     b = train_decoder(enc, norm, imgs, DCONF, conf, progress=False)
     assert a.losses == b.losses and torch.equal(_weights(a), _weights(b))
     assert all(p.dtype == torch.float32 for p in a.decoder.parameters())  # master weights stay fp32
-    fp32 = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5), progress=False)
+    fp32 = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=3, batch_size=32, seed=5, precision="fp32"),
+                         progress=False)
     assert a.losses != fp32.losses  # autocast really ran
     np.testing.assert_allclose(a.losses, fp32.losses, rtol=0.05)
     assert a.losses[-1] < a.losses[0]

@@ -274,7 +274,7 @@ def train_decoder(
     encoder: VictimEncoder, normalization: Normalization, images_u8: np.ndarray, decoder_config: DecoderConfig,
     config: TrainConfig, *, embeddings: np.ndarray | None = None, checkpoint_dir: str | Path | None = None,
     resume: bool = False, progress: bool = True, reencode: bool = False,
-    on_epoch: Callable[[int, float], None] | None = None, max_steps: int | None = None,
+    on_epoch: Callable[[int, float, DeDeDecoder], None] | None = None, max_steps: int | None = None,
     holdout: HeldOutError | None = None, started: float | None = None, reserve_seconds: float = 0.0,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
@@ -387,7 +387,7 @@ def train_decoder(
         if ckpt is not None:
             _save_checkpoint(ckpt, decoder, optimizer, generator, config, state)
         if on_epoch is not None:
-            on_epoch(epoch, state.losses[-1])
+            on_epoch(epoch, state.losses[-1], decoder)
         if state.stopped:
             break
     bar.close()
@@ -527,12 +527,13 @@ def train_detector(
     fprs: tuple[float, ...] = (0.01, 0.05), default_fpr: float = 0.01, embed_encoder: bool = False,
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
     score: str | None = None, relative_k: int = 0, prototypes: int = PROTOTYPES,
+    on_epoch: Callable[[int, float, DeDeDecoder], None] | None = None,
 ) -> "Detector":
     """Train a detector end to end: embed once, train the decoder, choose thresholds on clean held-out data, save.
 
     ``score``: a registered score kind ("summed", "relative"; default: "relative" when ``relative_k`` > 0, else
     "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
-    ``relative_k`` (default 32) that fit best.
+    ``relative_k`` (default 32) that fit best. ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
     """
     from dede_rt.bundle import Detector
     from dede_rt.bundle.thresholds import thresholds_by_fpr
@@ -574,7 +575,7 @@ def train_detector(
     reserve = 2.0 * hold_embed_seconds + 2.0
     result = train_decoder(encoder, normalization, train_images, dconf, config, embeddings=embeddings,
                            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, holdout=holdout,
-                           started=started, reserve_seconds=reserve)
+                           started=started, reserve_seconds=reserve, on_epoch=on_epoch)
     result.embed_seconds = embed_seconds
     proto = None
     if relative_k:  # clean training embeddings, never the held-out images the thresholds are chosen on

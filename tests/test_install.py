@@ -254,6 +254,13 @@ def test_wheel_in_a_fresh_venv_trains_exports_and_scans(built_wheel, scratch):
     proc = _run([cli, "export", "det"], work, env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "dede-rt[cpu]" in proc.stderr, proc.stderr
+    # The library call too: importing calibration works, calling it is a UserError naming the extra.
+    probe = ("import numpy as np\nfrom dede_rt.errors import UserError\n"
+             "from dede_rt.calibration.pipeline import calibrate_detector\n"
+             "try:\n    calibrate_detector('det', np.zeros((4, 32, 32, 3), np.uint8))\n"
+             "except UserError as e:\n    print(e)\n")
+    proc = _run([py, "-c", probe], work, env)
+    assert proc.returncode == 0 and "dede-rt[cpu]" in proc.stdout, proc.stdout + proc.stderr
 
     proc = _run(pip + [f"{built_wheel}[cpu]"], work, env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from dede_rt.calibration.gate import GateTolerance, quality_gate
-from dede_rt.calibration.quantize import DEFAULT_HEADROOM, convert_fp16, quantize_int8
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.engines.comparator import run_batched
 from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
@@ -16,6 +15,7 @@ from dede_rt.bundle import Gate, PrecisionEntry, edit_manifest, fpr_key, read_ma
 from dede_rt.bundle.thresholds import thresholds_by_fpr
 from dede_rt.engines.loaders import ensure_graph
 from dede_rt.models.encoders import sha256_file
+from dede_rt.optional import require_onnx_export
 
 LOWER_PRECISIONS = ("int8", "fp16")
 MIN_HELDOUT = 100
@@ -29,7 +29,7 @@ def _scores(path: Path, size: int, precision: str, images: np.ndarray) -> np.nda
 def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None, *,
                        triggered: np.ndarray | None = None, count: int = 256, seed: int = 0,
                        precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
-                       tol: GateTolerance = GateTolerance(), warn=print, headroom: float = DEFAULT_HEADROOM) -> dict:
+                       tol: GateTolerance = GateTolerance(), warn=print, headroom: float | None = None) -> dict:
     """Build each precision from ``BUNDLE/onnx/detector.onnx``, gate it against FP32 and record it in the manifest.
 
     ``clean``: clean uint8 images (``labels``: their source/class, for stratified
@@ -37,6 +37,11 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
     held-out set for the gate and the re-calibrated thresholds. ``triggered``
     (optional) makes the gate a labelled one: held-out clean = 0, triggered = 1.
     """
+    # A one-line error without the ONNX stack (the base install), before quantize imports onnx.
+    require_onnx_export("calibrate_detector")
+    from dede_rt.calibration.quantize import DEFAULT_HEADROOM, convert_fp16, quantize_int8
+
+    headroom = DEFAULT_HEADROOM if headroom is None else headroom
     bundle = Path(bundle)
     unknown = set(precisions) - set(LOWER_PRECISIONS)
     if unknown:
@@ -89,7 +94,7 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
 def calibrate_paths(bundle: str | Path, data: str | Path, *, triggered: str | Path | None = None, count: int = 256,
                     seed: int = 0, precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
                     max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print,
-                    headroom: float = DEFAULT_HEADROOM) -> dict:
+                    headroom: float | None = None) -> dict:
     """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
     from dede_rt.calibration.sets import load_clean_images
 

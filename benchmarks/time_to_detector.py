@@ -83,7 +83,7 @@ def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, da
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
     row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "seed": seed, "config": config.to_dict(),
            "epochs_run": q["epochs_run"], "planned_epochs": q["planned_epochs"], "stopped": q["stopped"],
-           "best_epoch": q["best_epoch"], "precision": q["precision"], "minutes": round(seconds / 60, 3),
+           "best_epoch": q["best_epoch"], "kept_epoch": q["kept_epoch"], "precision": q["precision"], "minutes": round(seconds / 60, 3),
            "eta_seconds": eta, "actual_after_plan_seconds": actual,
            "eta_relative_error": None if eta is None or not actual else round(abs(eta - actual) / actual, 4),
            "data_share": q["data_share"], **report}

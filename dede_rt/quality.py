@@ -23,7 +23,7 @@ def quality_report(result: TrainResult, detector: Detector, *, total_seconds: fl
     train = sum(c.get("train_seconds", c["seconds"]) for c in curve)
     report = {
         "epochs_run": len(result.losses), "planned_epochs": result.planned_epochs, "stopped": result.stopped,
-        "best_epoch": result.best_epoch, "precision": result.precision, "device": result.device,
+        "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch, "precision": result.precision, "device": result.device,
         "holdout_error": {"first": held[0], "best": min(held), "last": held[-1]} if held else None,
         "curve": [{**{k: c[k] for k in ("epoch", "train_loss", "holdout_error")}, "seconds": round(c["seconds"], 3)}
                   for c in curve],
@@ -51,8 +51,10 @@ def format_report(quality: dict) -> list[str]:
     q = quality
     lines = [f"training: {q['epochs_run']} epochs ({_why(q)}), {q['precision']} on {q['device']}, "
              f"{q['total_seconds'] / 60:.1f} min in all"]
-    if q.get("best_epoch"):
-        lines[0] += f"; kept epoch {q['best_epoch']}"
+    if q.get("kept_epoch"):
+        lines[0] += f"; decoder of epoch {q['kept_epoch']}"
+        if q.get("best_epoch") and q["best_epoch"] != q["kept_epoch"]:
+            lines[0] += f" (lowest held-out error at epoch {q['best_epoch']})"
     if q.get("eta_seconds") is not None and q.get("actual_after_plan_seconds"):
         lines.append(f"  ETA at planning {q['eta_seconds']:.0f} s, took {q['actual_after_plan_seconds']:.0f} s")
     if q.get("holdout_error"):

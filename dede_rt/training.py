@@ -148,7 +148,8 @@ class TrainResult:
     train_seconds: float = 0.0
     epochs_run: int = 0
     curve: list[dict] = field(default_factory=list)  # per epoch: train loss, held-out error, seconds
-    best_epoch: int | None = None
+    best_epoch: int | None = None  # lowest held-out error (kept only when early stopping is on)
+    kept_epoch: int | None = None  # the epoch whose decoder this is
     stopped: str = ""  # why training ended: "epochs", "planned", "early_stop", "budget", "max_steps"
     planned_epochs: int | None = None
     eta_seconds: float | None = None  # predicted at planning time: seconds from then to the end of the call
@@ -403,6 +404,8 @@ def _finish(result: TrainResult, decoder: DeDeDecoder, state: _Progress, stopper
     result.epochs_run = len(state.losses) - first  # in this call; ``losses`` holds every epoch
     result.planned_epochs = planned
     result.best_epoch = stopper.best_epoch if stopper.best_epoch else None
+    kept_best = bool(stopper.patience and state.best_decoder is not None)
+    result.kept_epoch = stopper.best_epoch if kept_best else len(state.losses)
     result.train_seconds = time.perf_counter() - t0
     decoder.eval()
     return result

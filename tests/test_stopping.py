@@ -84,6 +84,7 @@ def test_early_stop_keeps_the_best_decoder_and_resume_is_a_no_op(setup, tmp_path
     config = TrainConfig(batch_size=32, seed=5, patience=1, min_delta=0.99, precision="fp32")
     stopped = train_decoder(enc, norm, imgs, DCONF, config, progress=False, holdout=hold, checkpoint_dir=tmp_path)
     assert stopped.stopped == "early_stop" and stopped.epochs_run == 2 and stopped.best_epoch == 1
+    assert stopped.kept_epoch == 1
     one = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5, precision="fp32"),
                         progress=False)
     assert torch.equal(_weights(stopped.decoder), _weights(one.decoder))  # epoch 1's decoder was kept

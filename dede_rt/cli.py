@@ -54,6 +54,10 @@ def train(
     mean: str = typer.Option("0.4914,0.4822,0.4465", help="Encoder input mean (RGB, on [0,1] pixels)."),
     std: str = typer.Option("0.2023,0.1994,0.2010", help="Encoder input std (RGB)."),
     image_size: int = typer.Option(32, help="Encoder input size (square)."),
+    resize: str = typer.Option("squash", help="squash (both sides to --image-size) or crop (shorter side to "
+                               "--resize-to, default size/0.875, then the centre square: ImageNet/CLIP style)."),
+    resize_to: Optional[int] = typer.Option(None, help="crop: the shorter side's length before cropping."),
+    interpolation: str = typer.Option("bicubic", help="bicubic or bilinear."),
     l2_normalize: bool = typer.Option(False, help="L2-normalize embeddings before the decoder."),
     threshold_data: Optional[Path] = typer.Option(None, "--threshold-data", "--calibration",
                                                   help="Clean held-out images the thresholds are chosen on (default: "
@@ -96,7 +100,7 @@ def train(
     from dede_rt.data.transforms import Normalization
     from dede_rt.training import TrainConfig, train_detector
 
-    norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size)
+    norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size, resize, resize_to, interpolation)
     detector = train_detector(
         encoder, data, out, normalization=norm,
         decoder_config={"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth,

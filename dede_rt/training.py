@@ -550,14 +550,14 @@ def train_detector(
     normalization = normalization or Normalization()
     config = config or TrainConfig()
     encoder, info = load_encoder(encoder_path, encoder_format, normalization.image_size, l2_normalize)
-    images = data if isinstance(data, np.ndarray) else load_images(data, normalization.image_size).images
+    images = data if isinstance(data, np.ndarray) else load_images(data, normalization.pixels).images
     if threshold_data is None:
         train_idx, hold_idx = split_holdout(len(images), holdout_fraction, config.seed)
         train_images, hold_images = images[train_idx], images[hold_idx]
     else:
         train_images = images
         hold_images = threshold_data if isinstance(threshold_data, np.ndarray) else load_images(
-            threshold_data, normalization.image_size).images
+            threshold_data, normalization.pixels).images
     if relative_k < 0 or (relative_k and relative_k > min(prototypes, len(train_images))):
         raise UserError(f"the relative score averages k of {min(prototypes, len(train_images))} prototypes (the "
                         f"--prototypes of the {len(train_images)} training images); got k = {relative_k}")

@@ -16,7 +16,8 @@ def test_manifest_records_everything(tiny_detector_dir, encoder_file):
     m = json.loads((tiny_detector_dir / "manifest.json").read_text())
     assert m["encoder"]["format"] == "badencoder" and m["encoder"]["arch"] == "resnet_small"
     assert len(m["encoder"]["sha256"]) == 64 and m["encoder"]["path"] == str(encoder_file.resolve())
-    assert m["normalization"] == {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.201], "image_size": 32}
+    assert m["normalization"] == {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.201], "image_size": 32,
+                                  "resize": "squash", "resize_to": None, "interpolation": "bicubic"}
     assert m["decoder"]["patch_size"] == 4 and m["decoder"]["embed_dim"] == 128
     assert m["mask"]["train_ratio"] == 0.9 and m["mask"]["test_ratio"] == 0.99
     assert set(m["thresholds"]["by_fpr"]) == {"0.01", "0.05"} and m["thresholds"]["default_fpr"] == 0.01

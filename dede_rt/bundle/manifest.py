@@ -27,13 +27,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dede_rt.bundle.thresholds import DEFAULT_FPR, Thresholds
 from dede_rt.errors import UserError
 from dede_rt.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from dede_rt.data.images import Resize
 
 SCHEMA = 2
 KIND = "dede-detector"
@@ -187,6 +190,15 @@ class Manifest:
     def image_size(self) -> int:
         """The square input size the detector scores."""
         return int(self.normalization["image_size"])
+
+    @property
+    def pixels(self) -> Resize:
+        """How files are decoded for this detector (its resize rule): the same in training, scan and calibration."""
+        from dede_rt.data.images import Resize
+
+        n = self.normalization
+        return Resize(int(n["image_size"]), n.get("resize", "squash"), n.get("resize_to"),
+                      n.get("interpolation", "bicubic"))
 
     def to_dict(self) -> dict:
         """The JSON document."""

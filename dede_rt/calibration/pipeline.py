@@ -98,7 +98,7 @@ def calibrate_paths(bundle: str | Path, data: str | Path, *, triggered: str | Pa
     """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
     from dede_rt.calibration.sets import load_clean_images
 
-    size = read_manifest(bundle).image_size
+    size = read_manifest(bundle).pixels  # the bundle's own resize rule, as training decoded its images
     clean = load_clean_images(data, size, max_images, seed)
     trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
     return calibrate_detector(bundle, clean.images, clean.labels, triggered=trig, count=count, seed=seed,

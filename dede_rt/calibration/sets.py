@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dede_rt.errors import UserError
+
+if TYPE_CHECKING:
+    from dede_rt.data.images import Resize
 
 
 def split_calibration(n_images: int, count: int, seed: int = 0,
@@ -40,8 +44,9 @@ def split_calibration(n_images: int, count: int, seed: int = 0,
     return np.sort(chosen), rest
 
 
-def load_clean_images(path: str | Path, image_size: int, max_images: int | None = None, seed: int = 0):
-    """Read clean images (any source ``load_images`` understands) at ``image_size``; seeded subsample to ``max_images``."""
+def load_clean_images(path: str | Path, image_size: int | Resize, max_images: int | None = None, seed: int = 0):
+    """Read clean images (any source ``load_images`` understands) by the bundle's resize rule (or squashed to an
+    int size); seeded subsample to ``max_images``."""
     from dede_rt.data.sources import load_images
 
     data = load_images(path, image_size)

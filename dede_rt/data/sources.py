@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from dede_rt.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TRAIN_EXTENSIONS, decode_image,
+from dede_rt.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, TRAIN_EXTENSIONS, Resize, decode_image,
                                  iter_image_files, open_regular, resize_array)
 from dede_rt.errors import UserError
 
@@ -409,8 +409,8 @@ def open_source(source: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIO
                     f"CIFAR batches, .tar shards or an image)")
 
 
-def decode_item(item: Item, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """uint8 [size, size, 3] for one item (path, bytes or array); raises on any broken input."""
+def decode_item(item: Item, size: int | Resize, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """uint8 [s, s, 3] for one item (path, bytes or array) by the ``size`` rule; raises on any broken input."""
     if item.error is not None:
         raise ValueError(item.error)
     if isinstance(item.data, np.ndarray):
@@ -462,7 +462,7 @@ def _item_name(source: Source, item: Item, position: int) -> str:
     return f"{item.path}:{item.member}" if item.member else item.path
 
 
-def collect(source: Source, size: int | None, labels: bool = True) -> ImageSet:
+def collect(source: Source, size: int | Resize | None, labels: bool = True) -> ImageSet:
     """Decode every item of ``source`` into one ImageSet (``size`` None: arrays as stored).
 
     A failed discovery (a corrupt batch or shard) is a UserError; a file that does not
@@ -532,7 +532,7 @@ def load_npz(path: str | Path, size: int | None = None) -> ImageSet:
     return collect(NpzSource(Path(path)), size)
 
 
-def load_images(path: str | Path, size: int, labels_from_parent: bool = False) -> ImageSet:
+def load_images(path: str | Path, size: int | Resize, labels_from_parent: bool = False) -> ImageSet:
     """Load any source ``open_source`` reads (folder, CIFAR batches, .npz, path list, shards) as one ImageSet.
 
     Folder labels (the sub-folder) are kept only with ``labels_from_parent``; CIFAR and NPZ labels always.

@@ -1,4 +1,4 @@
-"""From uint8 pixels to the victim encoder's normalized float input."""
+"""The victim encoder's input: how decoded images become its pixels, and their normalized float form."""
 
 from __future__ import annotations
 
@@ -7,17 +7,41 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from dede_rt.data.images import Resize
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel mean/std on [0, 1] pixels and the square input size; stored with every detector."""
+    """Per-channel mean/std on [0, 1] pixels, the square input size and the resize rule; stored with every detector.
+
+    ``resize``: "squash" (both sides to ``image_size``; the default, and what bundles without the field used)
+    or "crop" (shorter side to ``resize_to``, default ``image_size / 0.875``, then the central square), with
+    ``interpolation`` "bicubic" or "bilinear". Training, the scanner and calibration all decode through
+    ``pixels``, so a file gets the same pixels everywhere.
+    """
 
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
     image_size: int = 32
+    resize: str = "squash"
+    resize_to: int | None = None
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        from dede_rt.errors import UserError
+
+        try:
+            self.pixels
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    @property
+    def pixels(self) -> Resize:
+        """The rule that turns a decoded image into this encoder's ``image_size`` square."""
+        return Resize(self.image_size, self.resize, self.resize_to, self.interpolation)
 
     def to_dict(self) -> dict:
         """Plain-JSON form for manifests."""
@@ -25,8 +49,9 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, data: dict) -> Normalization:
-        """Inverse of ``to_dict``."""
-        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["image_size"]))
+        """Inverse of ``to_dict`` (records without a resize rule are the squash rule they were made with)."""
+        return cls(tuple(data["mean"]), tuple(data["std"]), int(data["image_size"]), data.get("resize", "squash"),
+                   data.get("resize_to"), data.get("interpolation", "bicubic"))
 
     def apply(self, images_u8: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> normalized float32 NCHW."""

@@ -406,7 +406,6 @@ def build_engine_paths(bundle: str | Path, precision: str = "fp16", data: str | 
     if data is not None:
         from dede_rt.calibration.sets import load_clean_images
 
-        size = read_manifest(bundle).image_size
-        clean = load_clean_images(data, size, max_images).images
+        clean = load_clean_images(data, read_manifest(bundle).pixels, max_images).images
     return build_engine(bundle, precision, clean, min_batch, opt_batch, max_batch, workspace_gib, log,
                         score_tail=score_tail)

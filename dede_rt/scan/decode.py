@@ -20,7 +20,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 import numpy as np
 from PIL import Image
 
-from dede_rt.data.images import DEFAULT_MAX_PIXELS
+from dede_rt.data.images import DEFAULT_MAX_PIXELS, Resize
 from dede_rt.data.sources import Item, decode_item
 from dede_rt.errors import UserError
 
@@ -38,9 +38,10 @@ def error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def decode_chunk(items: list[Item], size: int, max_pixels: int | None) -> tuple[np.ndarray, list[str | None]]:
-    """Decode a chunk: stacked uint8 [n, size, size, 3] (zeros where broken) and one error (or None) per item."""
-    out = np.zeros((len(items), size, size, 3), np.uint8)
+def decode_chunk(items: list[Item], size: int | Resize, max_pixels: int | None) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a chunk by the ``size`` rule: stacked uint8 [n, s, s, 3] (zeros where broken), one error or None each."""
+    n = Resize.of(size).size
+    out = np.zeros((len(items), n, n, 3), np.uint8)
     errors: list[str | None] = []
     for i, item in enumerate(items):
         try:
@@ -54,7 +55,8 @@ def decode_chunk(items: list[Item], size: int, max_pixels: int | None) -> tuple[
 class DecodePool:
     """Ordered, bounded decoding of items with ``workers`` threads or processes (0: inline, no pool)."""
 
-    def __init__(self, size: int, workers: int = 2, kind: str = "thread", chunk: int = 32, prefetch: int | None = None,
+    def __init__(self, size: int | Resize, workers: int = 2, kind: str = "thread", chunk: int = 32,
+                 prefetch: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         if kind not in POOL_KINDS:
             raise UserError(f"decode pool must be one of {', '.join(POOL_KINDS)}, got {kind!r}")

@@ -151,18 +151,24 @@ class PartFilenames:
         return part_name(partition, chunk, last)
 
 
-def decode_partitions(batch: object, *, size: int, max_pixels: int | None, chunk: int) -> Iterator[object]:
-    """Ray Data UDF (CPU task): each partition row -> chunk rows of decoded uint8 pixels + error strings."""
+def decode_partitions(batch: object, *, size: int | dict, max_pixels: int | None, chunk: int) -> Iterator[object]:
+    """Ray Data UDF (CPU task): each partition row -> chunk rows of decoded uint8 pixels + error strings.
+
+    ``size``: the bundle's resize rule as a dict (``Resize.to_dict``), or an int for the squash rule.
+    """
     import pyarrow as pa
 
+    from dede_rt.data.images import Resize
     from dede_rt.scan.decode import decode_chunk
+
+    rule = Resize(**size) if isinstance(size, dict) else Resize.of(size)
 
     for part in batch.to_pylist():  # type: ignore[attr-defined]
         items = partition_items({k: part[k] for k in Partition.__dataclass_fields__})
         index, offset, current = 0, 0, _take(items, chunk)
         while True:
             following = _take(items, chunk) if len(current) == chunk else []
-            images, errors = decode_chunk(current, size, max_pixels)
+            images, errors = decode_chunk(current, rule, max_pixels)
             yield pa.table({
                 "partition": [part["partition"]], "chunk": [index], "last": [not following],
                 "first_offset": [offset], "n": [len(current)],
@@ -610,7 +616,8 @@ def run(source: str | Path, detector: str | Path, output: str | Path, *, address
         # them and keep the warning out of the operator's log.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-            ds = ds.map_batches(decode_partitions, fn_kwargs={"size": size, "max_pixels": max_pixels, "chunk": chunk},
+            ds = ds.map_batches(decode_partitions, fn_kwargs={"size": manifest.pixels.to_dict(),
+                                                              "max_pixels": max_pixels, "chunk": chunk},
                                 batch_size=1, batch_format="pyarrow", num_cpus=decode_cpus, max_retries=3)
             ds = ds.map_batches(
                 ScoreChunks, batch_size=1, batch_format="pyarrow", compute=compute, num_cpus=cpus_per_actor,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dede_rt.bundle import Detector, Thresholds
+from dede_rt.data.images import Resize
 from dede_rt.data.sources import Item, open_source
 from dede_rt.engines.base import BaseRunner
 from dede_rt.engines.registry import Deployment, make_runner
@@ -89,6 +90,15 @@ def _pinned_buffer(runner: BaseRunner, shape: tuple[int, ...]) -> np.ndarray:
     return np.empty(shape, np.uint8)
 
 
+def _pixels(detector: str | Path | Detector) -> Resize:
+    """The resize rule of a bundle on disk or of a Detector in memory."""
+    if isinstance(detector, (str, Path)):
+        from dede_rt.bundle import read_manifest
+
+        return read_manifest(detector).pixels
+    return detector.normalization.pixels
+
+
 class Scanner:
     """A detector's runner + threshold + decode settings; ``batches(items)`` scores a stream of inputs."""
 
@@ -116,6 +126,10 @@ class Scanner:
         self.runner = self.deployment.runner
         self.runner.activate()
         self.size = self.runner.image_size
+        self.pixels = _pixels(detector)  # the bundle's resize rule: a file is decoded as training decoded it
+        if self.pixels.size != self.size:
+            raise UserError(f"{detector}: the bundle's resize rule makes {self.pixels.size}-px images but its "
+                            f"runner takes {self.size} px")
         self._set_threshold(self.deployment.thresholds, threshold, fpr)
         self.stats = ScanStats()
 
@@ -172,7 +186,7 @@ class Scanner:
         pending: list[tuple[Item, np.ndarray | None, str | None]] = []
         index = start
         want = self.batch_size - start % self.batch_size
-        with DecodePool(self.size, self.workers, self.pool_kind, chunk=max(1, min(32, self.batch_size)),
+        with DecodePool(self.pixels, self.workers, self.pool_kind, chunk=max(1, min(32, self.batch_size)),
                         max_pixels=self.max_pixels) as pool:
             decoded = pool.map(items)
             while True:

@@ -165,6 +165,7 @@ class HeldOutError:
                  batch_size: int = 256) -> None:
         self.images, self.embeddings = images_u8, np.asarray(embeddings, np.float32)
         self.normalization, self.batch_size = normalization, batch_size
+        self.mask = None  # the test mask, built on the decoder's device at the first call
 
     @torch.no_grad()
     def __call__(self, decoder: DeDeDecoder) -> float:
@@ -172,7 +173,9 @@ class HeldOutError:
         from dede_rt.scoring import ScoreTail, TestMask
 
         device = next(decoder.parameters()).device
-        tail = ScoreTail(decoder, TestMask(decoder.config.num_patches).to(device))
+        if self.mask is None or self.mask.visible_index.device != device:  # drawn once, not every epoch
+            self.mask = TestMask(decoder.config.num_patches).to(device)
+        tail = ScoreTail(decoder, self.mask)
         total = 0.0
         for start in range(0, len(self.images), self.batch_size):
             x = self.normalization.apply(self.images[start:start + self.batch_size]).to(device)
@@ -252,7 +255,8 @@ def _load_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Op
     # options newer than the checkpoint count as the values runs had before they existed
     before = {**{f.name: f.default for f in fields(TrainConfig)}, "precision": "fp32", "patience": 0}
     saved = {**before, **saved}
-    saved, current = _effective(saved), _effective(config.to_dict())
+    device = resolve_device(config.device)  # the device may change on resume; compare as both act here
+    saved, current = _effective(saved, device), _effective(config.to_dict(), device)
     changed = {k: (saved[k], v) for k, v in current.items() if k not in RESUMABLE_CHANGES and saved[k] != v}
     if changed:
         raise UserError(f"{path}: cannot resume, training options changed: {changed}")
@@ -263,12 +267,10 @@ def _load_checkpoint(path: Path, decoder: DeDeDecoder, optimizer: torch.optim.Op
                      json.loads(state.get("stopper", "null")), state.get("stopped", ""), state.get("best_decoder"))
 
 
-def _effective(options: dict) -> dict:
-    """Options as they act on this machine: "auto" precision and default patience resolved."""
-    auto = options["epochs"] == EPOCHS_AUTO
-    device = resolve_device(options.get("device", "auto")) if options.get("device") != "cuda" else torch.device("cuda")
-    return {**options, "precision": resolve_precision(options["precision"], device),
-            "patience": options["patience"] if options["patience"] is not None else (PATIENCE if auto else 0)}
+def _effective(options: dict, device: torch.device) -> dict:
+    """Options as they act on ``device``: "auto" precision and the default patience resolved (TrainConfig's rules)."""
+    config = TrainConfig(**options)
+    return {**options, "precision": resolve_precision(config.precision, device), "patience": config.stop_patience()}
 
 
 def train_decoder(

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
-EXTRAS ?= cpu,dev,ray
+EXTRAS ?= cpu,dev,ray,hf
 
 .PHONY: demo test install clean
 
@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and exact: the CPU build; anything looser pulls a CUDA wheel.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	# cpu: ONNX export + ONNX Runtime (CPU wheel; never together with gpu's onnxruntime-gpu);
-	# dev: pytest, pyarrow, build, Triton's CPU interpreter; ray: the Ray Data tests.
+	# dev: pytest, pyarrow, build, Triton's CPU interpreter; ray: the Ray Data tests; hf: Hugging Face CLIP
+	# encoders (torchvision/timm/open_clip are left out: PyPI's torchvision is a CUDA build).
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 

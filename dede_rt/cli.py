@@ -47,17 +47,26 @@ def _floats(text: str, name: str) -> tuple[float, float, float]:
 
 @app.command()
 def train(
-    encoder: Path = typer.Option(..., help="Victim encoder file: BadEncoder/DRUPE checkpoint, state dict, TorchScript or ONNX."),
+    encoder: str = typer.Option(..., help="Victim encoder: a BadEncoder/DRUPE checkpoint, CIFAR state dict, "
+                                "TorchScript or ONNX file; or FAMILY:NAME with --weights (torchvision:resnet50, "
+                                "timm:vit_small_patch16_224, open_clip:RN50) or a Hugging Face CLIP folder."),
     data: Path = typer.Option(..., help="Clean training images: image folder, CIFAR batch dir/file, or .npz."),
     out: Path = typer.Option(..., help="Detector bundle directory to write."),
+    weights: Optional[Path] = typer.Option(None, help="FAMILY:NAME encoders: the checkpoint file (SimCLR, MoCo "
+                                           "v2/v3, BYOL, DINO, OpenCLIP layouts; the key prefix is found)."),
+    embedding: str = typer.Option("auto", help="auto|backbone|head: embed before or after the checkpoint's "
+                                  "projection head (auto: backbone for SSL families, head for CLIP)."),
     encoder_format: str = typer.Option("auto", help="auto|badencoder|state_dict|torchscript|onnx"),
-    mean: str = typer.Option("0.4914,0.4822,0.4465", help="Encoder input mean (RGB, on [0,1] pixels)."),
-    std: str = typer.Option("0.2023,0.1994,0.2010", help="Encoder input std (RGB)."),
-    image_size: int = typer.Option(32, help="Encoder input size (square)."),
-    resize: str = typer.Option("squash", help="squash (both sides to --image-size) or crop (shorter side to "
-                               "--resize-to, default size/0.875, then the centre square: ImageNet/CLIP style)."),
+    mean: Optional[str] = typer.Option(None, help="Encoder input mean (RGB, on [0,1] pixels; default: the "
+                                       "encoder family's, CIFAR's for checkpoint files)."),
+    std: Optional[str] = typer.Option(None, help="Encoder input std (RGB; default as --mean)."),
+    image_size: Optional[int] = typer.Option(None, help="Encoder input size (square; default: the family's, 32 "
+                                             "for checkpoint files)."),
+    resize: Optional[str] = typer.Option(None, help="squash (both sides to --image-size; CIFAR files' default) or "
+                                         "crop (shorter side to --resize-to, then the centre square: the "
+                                         "ImageNet/CLIP families' default)."),
     resize_to: Optional[int] = typer.Option(None, help="crop: the shorter side's length before cropping."),
-    interpolation: str = typer.Option("bicubic", help="bicubic or bilinear."),
+    interpolation: Optional[str] = typer.Option(None, help="bicubic or bilinear (default: the family's)."),
     l2_normalize: bool = typer.Option(False, help="L2-normalize embeddings before the decoder."),
     threshold_data: Optional[Path] = typer.Option(None, "--threshold-data", "--calibration",
                                                   help="Clean held-out images the thresholds are chosen on (default: "
@@ -97,12 +106,13 @@ def train(
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Train a DeDe detector for a victim encoder and choose its thresholds on clean held-out data."""
-    from dede_rt.data.transforms import Normalization
     from dede_rt.training import TrainConfig, train_detector
 
-    norm = Normalization(_floats(mean, "mean"), _floats(std, "std"), image_size, resize, resize_to, interpolation)
+    given = {"mean": mean and _floats(mean, "mean"), "std": std and _floats(std, "std"), "image_size": image_size,
+             "resize": resize, "resize_to": resize_to, "interpolation": interpolation}
     detector = train_detector(
-        encoder, data, out, normalization=norm,
+        encoder, data, out, normalization={k: v for k, v in given.items() if v is not None},
+        weights=weights, embedding=embedding,
         decoder_config={"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth,
                         "decoder_depth": decoder_depth, "qkv_bias": qkv_bias},
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -41,3 +41,26 @@ def import_onnxruntime(purpose: str = "ONNX Runtime") -> ModuleType:
 def require_onnx_export(purpose: str = "ONNX export", verify: bool = True) -> None:
     """onnx + onnxscript (torch's dynamo exporter) and, to check the exported graph, onnxruntime."""
     require(("onnx", "onnxscript", "onnxruntime") if verify else ("onnx", "onnxscript"), purpose)
+
+
+def import_extra(module: str, purpose: str, extra: str) -> ModuleType:
+    """Import ``module`` for ``purpose`` or raise a one-line UserError naming the extra that installs it.
+
+    Any import failure counts, not only a missing package: a torchvision CUDA wheel beside a CPU torch raises
+    RuntimeError at import (its compiled ops do not load), and that is an install problem to name, not a crash.
+    """
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - see above
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{purpose} needs {module.split('.')[0]}, which does not import here ({reason}): "
+                        f"pip install 'dede-rt[{extra}]' with a torchvision built for this torch") from None
+
+
+def importable(module: str) -> bool:
+    """True when ``module`` imports cleanly here (for tests that skip without it)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a broken install is as absent as a missing one
+        return False
+    return True

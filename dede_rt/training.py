@@ -10,6 +10,8 @@ whose state is checkpointed, so an interrupted run resumes bit-exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -524,10 +526,24 @@ def split_holdout(n: int, fraction: float, seed: int, minimum: int = 1) -> tuple
     return np.sort(order[holdout:]), np.sort(order[:holdout])
 
 
+def encoder_normalization(info: dict, given: Normalization | dict | None = None) -> Normalization:
+    """The pixels a detector trains on: ``given`` if a Normalization, else the encoder family's own
+    preprocessing (CIFAR's 32-px squash for plain checkpoint files) with the fields of a ``given`` dict
+    replaced (``{"resize": "squash"}`` keeps the old rule on an ImageNet encoder)."""
+    if isinstance(given, Normalization):
+        return given
+    base = Normalization.from_dict(info["preprocessing"]) if info.get("preprocessing") else Normalization()
+    given = dict(given or {})
+    if "image_size" in given and "resize_to" not in given:
+        given["resize_to"] = None  # a new size takes the default crop ratio, not the family's old resize length
+    return dataclasses.replace(base, **given)
+
+
 def train_detector(
     encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None, *,
-    normalization: Normalization | None = None, decoder_config: dict | None = None,
+    normalization: Normalization | dict | None = None, decoder_config: dict | None = None,
     config: TrainConfig | None = None, encoder_format: str = "auto", l2_normalize: bool = False,
+    weights: str | Path | None = None, embedding: str = "auto",
     threshold_data: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
     fprs: tuple[float, ...] = (0.01, 0.05), default_fpr: float = 0.01, embed_encoder: bool = False,
     checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
@@ -539,6 +555,9 @@ def train_detector(
     ``score``: a registered score kind ("summed", "relative"; default: "relative" when ``relative_k`` > 0, else
     "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
     ``relative_k`` (default 32) that fit best. ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
+    ``encoder_path`` may be a family spec (``torchvision:resnet50`` with ``weights``); ``normalization`` a
+    Normalization, or a dict of fields that override the encoder's own preprocessing (see
+    ``encoder_normalization``).
     """
     from dede_rt.bundle import Detector
     from dede_rt.bundle.thresholds import thresholds_by_fpr
@@ -549,9 +568,12 @@ def train_detector(
     score = score or ("relative" if relative_k else "summed")
     kind_class(score)  # an unknown kind fails before any work
     relative_k = (relative_k or RELATIVE_K) if score == "relative" else 0
-    normalization = normalization or Normalization()
     config = config or TrainConfig()
-    encoder, info = load_encoder(encoder_path, encoder_format, normalization.image_size, l2_normalize)
+    probe_size = normalization.image_size if isinstance(normalization, Normalization) else \
+        (normalization or {}).get("image_size") or 32
+    encoder, info = load_encoder(encoder_path, encoder_format, probe_size, l2_normalize, weights=weights,
+                                 embedding=embedding)
+    normalization = encoder_normalization(info, normalization)
     images = data if isinstance(data, np.ndarray) else load_images(data, normalization.pixels).images
     if threshold_data is None:
         train_idx, hold_idx = split_holdout(len(images), holdout_fraction, config.seed)

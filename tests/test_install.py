@@ -26,7 +26,7 @@ CONSTRAINTS = ROOT / "constraints.txt"
 DIST = "dede-rt"
 ORT_WHEELS = {"onnxruntime", "onnxruntime-gpu"}
 # Every extra, alone, plus the set the Makefile installs for `make demo` / `make test`.
-RESOLVE = ("", "cpu", "gpu", "trt", "parquet", "ray", "dev", "cpu,dev,ray")
+RESOLVE = ("", "cpu", "gpu", "trt", "parquet", "ray", "dev", "vision", "timm", "clip", "hf", "cpu,dev,ray,hf")
 
 
 def _pyproject() -> dict:
@@ -170,7 +170,7 @@ def test_pip_resolution_never_has_both_onnxruntime_wheels(resolutions, extras):
     assert DIST in got and "torch" in got
     assert not ORT_WHEELS <= got, f"{extras}: both ONNX Runtime wheels would be installed"
     wanted = {"": set(), "cpu": {"onnxruntime"}, "gpu": {"onnxruntime-gpu"}, "trt": {"onnxruntime-gpu"},
-              "cpu,dev,ray": {"onnxruntime"}}.get(extras)
+              "cpu,dev,ray,hf": {"onnxruntime"}}.get(extras)
     if wanted is not None:
         assert got & ORT_WHEELS == wanted, (extras, got & ORT_WHEELS)
     if "ray" in extras.split(","):

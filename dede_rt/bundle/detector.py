@@ -20,7 +20,7 @@ from dede_rt.bundle.thresholds import DEFAULT_FPR, Thresholds
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import IntegrityError, UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
-from dede_rt.models.encoders import VictimEncoder, load_encoder, sha256_file
+from dede_rt.models.encoders import VictimEncoder, reload_encoder, sha256_path
 from dede_rt.scoring import MASK_SEED, TEST_MASK_RATIO, RelativeReference, Scorer, kind_class
 
 
@@ -118,9 +118,12 @@ class Detector:
         info = dict(self.encoder_info)
         if embed_encoder:
             src = Path(info["path"])
-            name = f"encoder{src.suffix or '.pt'}"
+            name = "encoder" if src.is_dir() else f"encoder{src.suffix or '.pt'}"
             if src.resolve() != (directory / name).resolve():
-                shutil.copyfile(src, directory / name)
+                if src.is_dir():  # a Hugging Face model folder
+                    shutil.copytree(src, directory / name, dirs_exist_ok=True)
+                else:
+                    shutil.copyfile(src, directory / name)
             info["embedded"] = name
         self.encoder_info = info
         write_manifest(directory, self.manifest(deployment))
@@ -134,13 +137,12 @@ class Detector:
         manifest = read_manifest(directory)
         info = manifest.encoder
         path = _encoder_file(directory, info, encoder_path)
-        actual = sha256_file(path)
+        actual = sha256_path(path)
         if actual != info["sha256"]:
             raise IntegrityError(f"{path}: encoder SHA-256 {actual[:12]}… does not match the detector's "
                                  f"{info['sha256'][:12]}…; this detector was trained on a different encoder")
         norm = Normalization.from_dict(manifest.normalization)
-        fmt = info["format"] if info["format"] in ("onnx", "torchscript") else "auto"
-        encoder, _ = load_encoder(path, fmt, norm.image_size, info.get("l2_normalize", False))
+        encoder = reload_encoder(info, path, norm.image_size)
         decoder = DeDeDecoder(DecoderConfig(**manifest.decoder))
         check_embedding_width(encoder, decoder.config)
         try:
@@ -184,7 +186,7 @@ def _encoder_file(directory: Path, info: dict, override: str | Path | None) -> P
         path = directory / info["embedded"]
     else:
         path = Path(info["path"])
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: the detector's encoder file is missing (pass its new location with --encoder)")
     return path
 

@@ -9,6 +9,9 @@ Formats (``load_encoder(path, format="auto")``):
 - ``torchscript``: a ``torch.jit.save`` archive mapping images to embeddings.
 - ``onnx``: any ONNX model mapping float NCHW images to [N, D] embeddings,
   run as a black box through onnxruntime.
+- a family spec ``FAMILY:NAME`` with ``weights=`` (torchvision, timm, open_clip, hf_clip; see
+  ``dede_rt.models.families``): ImageNet / CLIP encoders with their own preprocessing, which the
+  description carries under ``preprocessing``.
 Weights are always read with ``torch.load(weights_only=True)``. The ResNet's
 depth and widths are inferred from the weights, so no architecture flag is
 needed for checkpoints.
@@ -30,6 +33,8 @@ from dede_rt.errors import UserError
 from dede_rt.models.resnet import ARCHITECTURES, CifarResNet, ResNetConfig
 
 FORMATS = ("auto", "badencoder", "state_dict", "torchscript", "onnx")
+_IMAGENET_HINT = ("these are ImageNet ResNet weights (7x7 stem): load them as --encoder torchvision:resnet50 "
+                  "(or resnet18/34/101) --weights FILE")
 _TORCHVISION_STAGES = {"conv1": "0", "bn1": "1", "layer1": "3", "layer2": "4", "layer3": "5", "layer4": "6"}
 
 
@@ -93,6 +98,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_path(path: str | Path) -> str:
+    """SHA-256 of a file, or of a model folder's files (name and content of each, in name order)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
+
+
 def detect_format(path: str | Path) -> str:
     """Guess an encoder file's format from its extension and contents."""
     path = Path(path)
@@ -107,14 +123,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def _read_weights(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a state dict or a checkpoint dict, found {type(obj).__name__}")
-    return obj
+    from dede_rt.models.families.checkpoints import read_checkpoint
+
+    return read_checkpoint(path)
 
 
 def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -136,6 +147,8 @@ def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]
             if head in _TORCHVISION_STAGES:
                 mapped[f"f.{_TORCHVISION_STAGES[head]}.{rest}"] = v
         return mapped, "torchvision"
+    if any(k.endswith("conv1.weight") and v.shape[1:] == (3, 7, 7) for k, v in state.items()):
+        raise UserError(_IMAGENET_HINT)
     sample = ", ".join(list(state)[:4])
     raise UserError(f"unrecognised checkpoint layout (first keys: {sample}); expected BadEncoder 'f.f.*', "
                     "'f.*', 'backbone.*' or torchvision ResNet keys")
@@ -143,6 +156,8 @@ def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]
 
 def infer_resnet_config(state: dict[str, torch.Tensor]) -> ResNetConfig:
     """Depth, block type and widths of a CIFAR ResNet from its weights."""
+    if "f.0.weight" in state and state["f.0.weight"].shape[1:] == (3, 7, 7):
+        raise UserError(_IMAGENET_HINT)
     if "f.0.weight" not in state or state["f.0.weight"].shape[1:] != (3, 3, 3):
         raise UserError("weights are not a CIFAR ResNet (expected a 3x3 stem conv 'f.0.weight' on RGB input)")
     layers, widths = [], []
@@ -184,9 +199,24 @@ def _probe_dim(backbone: nn.Module, image_size: int) -> int:
 
 
 def load_encoder(
-    path: str | Path, format: str = "auto", image_size: int = 32, l2_normalize: bool = False
+    path: str | Path, format: str = "auto", image_size: int = 32, l2_normalize: bool = False, *,
+    weights: str | Path | None = None, embedding: str = "auto",
 ) -> tuple[VictimEncoder, dict]:
-    """Load a victim encoder; returns it and a JSON description (format, arch, path, sha256, dim)."""
+    """Load a victim encoder; returns it and a JSON description (format, arch, path, sha256, dim).
+
+    ``path`` is an encoder file, or a family spec ``FAMILY:NAME`` whose checkpoint is ``weights`` (then
+    ``image_size`` is the family's own and ``embedding`` picks ``backbone`` or ``head``).
+    """
+    from dede_rt.models.families import load_family, parse_spec
+
+    spec = parse_spec(path, weights, embedding) if format == "auto" else None
+    if spec is not None:
+        backbone, extra, preprocessing = load_family(spec)
+        dim = _probe_dim(backbone, preprocessing.image_size)
+        description = {"format": spec.family, "path": str(spec.weights.resolve()), "sha256": sha256_path(spec.weights),
+                       "embed_dim": dim, "l2_normalize": l2_normalize, **extra,
+                       "preprocessing": preprocessing.to_dict()}
+        return VictimEncoder(backbone, dim, l2_normalize, kind=spec.family), description
     path = Path(path)
     if format not in FORMATS:
         raise UserError(f"unknown encoder format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -202,15 +232,26 @@ def load_encoder(
         except Exception as exc:
             raise UserError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0][:160]})") from None
     else:
-        weights, layout = backbone_state_dict(_read_weights(path))
+        weights_state, layout = backbone_state_dict(_read_weights(path))
         if format == "badencoder" and layout != "badencoder":
             raise UserError(f"{path}: no BadEncoder 'f.f.*' keys; this looks like a {layout} checkpoint")
-        backbone = resnet_from_weights(weights)
+        backbone = resnet_from_weights(weights_state)
         fmt, arch = layout, arch_name(backbone.config)
     dim = _probe_dim(backbone, image_size)
     description = {"format": fmt, "arch": arch, "path": str(path.resolve()), "sha256": sha256_file(path),
                    "embed_dim": dim, "l2_normalize": l2_normalize}
     return VictimEncoder(backbone, dim, l2_normalize, kind=fmt), description
+
+
+def reload_encoder(info: dict, path: str | Path, image_size: int) -> VictimEncoder:
+    """The encoder a detector's manifest record describes, from ``path`` (its file, or a moved copy)."""
+    from dede_rt.models.families import FAMILIES
+
+    if info["format"] in FAMILIES:
+        return load_encoder(f"{info['format']}:{info.get('arch') or ''}", weights=path,
+                            embedding=info.get("embedding", "auto"), l2_normalize=info.get("l2_normalize", False))[0]
+    fmt = info["format"] if info["format"] in ("onnx", "torchscript") else "auto"
+    return load_encoder(path, fmt, image_size, info.get("l2_normalize", False))[0]
 
 
 def save_badencoder_checkpoint(model: CifarResNet, path: str | Path, epoch: int = 0) -> None:

@@ -131,3 +131,40 @@ def build_resnet(arch: str) -> CifarResNet:
 
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     return CifarResNet(ARCHITECTURES[arch])
+
+
+class ImageNetResNet(nn.Module):
+    """torchvision's ImageNet ResNet (7x7 stride-2 stem + max-pool), same module names, without its ``fc``.
+
+    A torchvision ``resnet18``/``resnet50`` state dict (and the SimCLR / MoCo / BYOL / DINO checkpoints built
+    on it) loads without renaming; outputs the pooled embedding. Built here rather than imported because
+    torchvision's Linux wheels on PyPI are CUDA builds that do not import next to the CPU torch wheel.
+    """
+
+    def __init__(self, config: ResNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        block = Bottleneck if config.block == "bottleneck" else BasicBlock
+        stem = config.widths[0]
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_planes = stem
+        for i, (n_blocks, width) in enumerate(zip(config.layers, config.widths)):
+            blocks = []
+            for j in range(n_blocks):
+                blocks.append(block(in_planes, width, (1 if i == 0 else 2) if j == 0 else 1))
+                in_planes = width * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the pooled embedding."""
+        return self.config.embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)

@@ -69,29 +69,65 @@ def machine() -> dict:
     return info
 
 
+# Speed bundles (random init): the CIFAR victim of the first round and two 224-px ImageNet / CLIP-scale ones,
+# each with the reference-width decoder (patch 4 at 32 px; patch 32 at 224 px, the paper's CLIP setting).
+SPEED_MODELS = ("resnet18", "resnet50-224", "clip-vit-b32-224")
+
+
+def _speed_encoder(model: str, out: Path) -> tuple[str, dict]:
+    """Write a random-init encoder for ``model`` under ``out``; returns the ``load_encoder`` spec and its kwargs."""
+    import torch
+
+    from dede_rt.models.encoders import save_badencoder_checkpoint
+    from dede_rt.models.resnet import build_resnet
+
+    if model == "resnet50-224":
+        from dede_rt.models.families.torchvision_family import RESNETS
+        from dede_rt.models.resnet import ImageNetResNet
+
+        torch.save(ImageNetResNet(RESNETS["resnet50"]).state_dict(), out / "encoder.pth")
+        return "torchvision:resnet50", {"weights": out / "encoder.pth"}
+    if model == "clip-vit-b32-224":
+        from dede_rt.optional import import_extra
+
+        transformers = import_extra("transformers", "the CLIP ViT-B/32 speed bundle", "hf")
+        config = transformers.CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                               num_attention_heads=12, image_size=224, patch_size=32,
+                                               projection_dim=512)
+        transformers.CLIPVisionModelWithProjection(config).save_pretrained(out / "encoder")
+        return str(out / "encoder"), {}
+    save_badencoder_checkpoint(build_resnet(model).eval(), out / "encoder.pth")
+    return str(out / "encoder.pth"), {"format": "badencoder"}
+
+
 def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, calibration: np.ndarray | None = None,
                        decoder: dict | None = None, relative_k: int = 0, prototypes: int = 256) -> Path:
-    """A detector bundle with random-init weights (speed only): CIFAR ``arch`` victim + reference 12/4-block decoder.
+    """A detector bundle with random-init weights (speed only): ``arch`` victim + reference 12/4-block decoder.
 
-    ``relative_k`` > 0: the relative score, against the embeddings of ``prototypes`` of the calibration images.
+    ``arch``: a CIFAR ResNet name, or ``resnet50-224`` / ``clip-vit-b32-224`` (224 px, the family's own
+    preprocessing, decoder patch 32). ``relative_k`` > 0: the relative score, against the embeddings of
+    ``prototypes`` of the calibration images.
     """
     import torch
 
-    from dede_rt.data.demo import demo_dataset
-    from dede_rt.data.transforms import Normalization
     from dede_rt.bundle import Detector, Thresholds
+    from dede_rt.data.demo import demo_dataset
+    from dede_rt.data.sources import ImageSet, resize_set
     from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
-    from dede_rt.models.encoders import load_encoder, save_badencoder_checkpoint
-    from dede_rt.models.resnet import build_resnet
+    from dede_rt.models.encoders import load_encoder
+    from dede_rt.training import encoder_normalization
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    save_badencoder_checkpoint(build_resnet(arch).eval(), out / "encoder.pth")
-    encoder, info = load_encoder(out / "encoder.pth", "badencoder", 32)
-    dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], **(decoder or {})))
-    norm = Normalization()
+    spec, kwargs = _speed_encoder(arch, out)
+    encoder, info = load_encoder(spec, **{"image_size": 32, **kwargs})
+    norm = encoder_normalization(info)
+    patch = {} if norm.image_size == 32 else {"patch_size": 32}
+    dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], image_size=norm.image_size, **{**patch, **(decoder or {})}))
     images = calibration if calibration is not None else demo_dataset(photo_count=200, seed=seed).images[:512]
+    if images.shape[1] != norm.image_size:
+        images = resize_set(ImageSet(images), norm.image_size).images
     proto = None
     if relative_k:
         from dede_rt.training import compute_embeddings
@@ -403,11 +439,11 @@ def write_reports(result: dict, json_path: str | Path | None = None, markdown_pa
 
 
 def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.ndarray | None = None,
-                   precisions: tuple[str, ...] = ("int8", "fp16"), log=print) -> Path:
+                   precisions: tuple[str, ...] = ("int8", "fp16"), log=print, model: str = "resnet18") -> Path:
     """The bundle to benchmark, with its ONNX export and calibrated variants (built once, then reused).
 
-    ``bundle=None`` builds the reference-shaped speed bundle (random-init ResNet18 +
-    12/4-block decoder) under ``workdir``.
+    ``bundle=None`` builds the speed bundle of ``model`` (``SPEED_MODELS``: random-init victim +
+    reference-width 12/4-block decoder) under ``workdir``.
     """
     from dede_rt.bundle import read_manifest
     from dede_rt.calibration.pipeline import calibrate_detector
@@ -417,10 +453,12 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
     if clean is None:
         clean = demo_dataset(photo_count=400).images
     if bundle is None:
-        bundle = Path(workdir) / "bench-resnet18-ref-decoder"
+        if model not in SPEED_MODELS:
+            raise UserError(f"unknown speed model {model!r}; choose one of {', '.join(SPEED_MODELS)}")
+        bundle = Path(workdir) / f"bench-{model}-ref-decoder"
         if not (bundle / "manifest.json").is_file():
-            log(f"building the speed bundle (random-init resnet18 + reference decoder) in {bundle}")
-            build_bench_bundle(bundle, calibration=clean[:512])
+            log(f"building the speed bundle (random-init {model} + reference decoder) in {bundle}")
+            build_bench_bundle(bundle, model, calibration=clean[:512])
     bundle = Path(bundle)
     ensure_graph(bundle, "detector", log)
     missing = tuple(p for p in precisions if p not in read_manifest(bundle).deployment.precisions)
@@ -434,29 +472,30 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
                   plot_path: str | Path | None = None, score_kernels: tuple[str, ...] = (),
-                  score_tails: tuple[str, ...] = (), log=print) -> dict:
+                  score_tails: tuple[str, ...] = (), log=print, model: str = "resnet18") -> dict:
     """Prepare the bundle (export + calibrate once), benchmark it and write the reports.
 
+    ``model``: which speed bundle to build when ``bundle`` is None (``SPEED_MODELS``).
     ``score_kernels`` / ``score_tails``: extra rows next to each torch / TensorRT variant with that score kernel
     (e.g. "triton") / engine score tail (e.g. "plugin"), so both forms are measured side by side.
     """
 
+    from dede_rt.bundle import read_manifest
     from dede_rt.data.demo import demo_dataset
+    from dede_rt.data.sources import ImageSet, resize_set
     from dede_rt.optional import require_onnx_export
 
     require_onnx_export("dede-rt bench (it exports and calibrates the bundle)")
 
     images = demo_dataset(photo_count=400).images
-    if bundle is not None:
-        from dede_rt.bundle import read_manifest
-        from dede_rt.data.sources import ImageSet, resize_set
-
-        size = read_manifest(bundle).image_size
-        if size != images.shape[1]:
-            images = resize_set(ImageSet(images), size).images
     expanded = expand_variants(variants, score_kernels, score_tails)  # a bad kernel/tail fails before any work
     calibrate = tuple(v[1] for v in variants if v[0] == "onnxruntime" and v[1] != "fp32")
-    path = prepare_bundle(bundle, workdir, images, calibrate, log=log)
+    if bundle is None and model not in SPEED_MODELS:
+        raise UserError(f"unknown speed model {model!r}; choose one of {', '.join(SPEED_MODELS)}")
+    size = read_manifest(bundle).image_size if bundle is not None else (32 if model == "resnet18" else 224)
+    if size != images.shape[1]:
+        images = resize_set(ImageSet(images), size).images
+    path = prepare_bundle(bundle, workdir, images, calibrate, log=log, model=model)
     variants = expanded
     result = run_benchmark(path, images, batches, variants, seconds, rounds, threads, log=log)
     write_reports(result, json_path, markdown_path, plot_path)

@@ -355,6 +355,8 @@ def bench(
     rounds: int = typer.Option(3, help="Round-robin rounds (all variants once per round)."),
     threads: int = typer.Option(0, help="Intra-op threads for torch and ONNX Runtime (0: their defaults)."),
     workdir: Path = typer.Option(Path.home() / ".cache" / "dede-rt" / "bench", help="Where the default speed bundle lives."),
+    model: str = typer.Option("resnet18", help="Speed bundle to build without DETECTOR: resnet18 (CIFAR, 32 px), "
+                              "resnet50-224 (torchvision ResNet-50) or clip-vit-b32-224 (CLIP ViT-B/32 tower)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows (backend, precision, batch, throughput, latency_*) as JSON."),
     markdown: Optional[Path] = typer.Option(None, help="Write the Markdown table."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG bar chart."),
@@ -373,7 +375,7 @@ def bench(
     result = bench_command(detector, workdir, batches=_csv(batch_sizes, int), variants=variants, seconds=seconds,
                            rounds=rounds, threads=threads, json_path=json_out, markdown_path=markdown, plot_path=plot,
                            score_kernels=tuple(_csv(score_kernel)), score_tails=tuple(_csv(score_tail)),
-                           log=lambda m: typer.echo(m, err=True))
+                           log=lambda m: typer.echo(m, err=True), model=model)
     typer.echo(markdown_table(result))
 
 

@@ -155,3 +155,20 @@ def test_headroom_below_one_is_a_user_error(calibrated: tuple[Path, dict], demo_
     with pytest.raises(UserError, match="headroom"):
         quantize_int8(bundle / deployment(bundle)["precisions"]["fp32"]["path"], tmp_path / "x.onnx",
                       demo_images.images[:8], headroom=0.5)
+
+
+def test_calibration_batches_hold_a_bounded_number_of_pixels(calibrated: tuple[Path, dict], demo_images,
+                                                            tmp_path: Path) -> None:
+    """Large inputs calibrate in small batches (memory), and the batch size does not change the ranges."""
+    from dede_rt.calibration import quantize
+
+    assert quantize.calibration_batch(64, 32, 32) == 64 and quantize.calibration_batch(64, 224, 224) == 10
+    assert quantize.calibration_batch(64, 1024, 1024) == 1
+    bundle, _ = calibrated
+    fp32 = bundle / deployment(bundle)["precisions"]["fp32"]["path"]
+    images = demo_images.images[:96]
+    small = quantize.quantize_int8(fp32, tmp_path / "small.onnx", images, batch_size=16, headroom=1.0)
+    large = quantize.quantize_int8(fp32, tmp_path / "large.onnx", images, batch_size=96, headroom=1.0)
+    assert small["calibration_batch"] == 16 and large["calibration_batch"] == 96
+    a, b = _activation_scales(tmp_path / "small.onnx"), _activation_scales(tmp_path / "large.onnx")
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)

@@ -235,6 +235,8 @@ def eval_command(
     fpr: float = typer.Option(0.01, help="Target FPR of the calibrated threshold."),
     decree_steps: int = typer.Option(200, help="Steps of the simplified DECREE inversion (0 = skip)."),
     asset_epochs: int = typer.Option(1, help="Epochs of the simplified ASSET baseline (0 = skip)."),
+    hard_images: int = typer.Option(200, help="Hard clean images (textures, text, checkerboards, stripes; no "
+                                    "trigger) every detector scores: the false-alarm control (0 = off)."),
     threads: int = typer.Option(0, help="torch CPU threads of the main process (0 = torch default)."),
     workers: int = typer.Option(1, help="Worker processes for decoder training (each single-threaded)."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -257,7 +259,7 @@ def eval_command(
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
         decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list,
         regimes=None if regimes is None else tuple(r.strip() for r in regimes.split(",") if r.strip()),
-        poison_rate=poison_rate, trim=trim, relative_k=relative_k, prototypes=prototypes,
+        poison_rate=poison_rate, trim=trim, relative_k=relative_k, prototypes=prototypes, hard_images=hard_images,
         high_norm_share=high_norm_share, asset_epochs=asset_epochs, l2_variants=(False, True) if l2 else (False,),
         l2_regimes=tuple(r.strip() for r in l2_regimes.split(",") if r.strip()), fpr=fpr, decree_steps=decree_steps,
         normalization=Normalization(mean=_floats(mean, "mean"), std=_floats(std, "std"), image_size=image_size))

@@ -99,7 +99,7 @@ def test_collect_turns_constructed_scores_into_the_expected_records():
     labels = np.r_[np.zeros(10, int), np.ones(10, int)]  # 10 of the target class 0, 10 of class 1
     data = EvalData(images, labels, images, labels, images, labels, images[:0])
     sets = EvalSets(data=data, target=0, nontarget=labels != 0, triggers={}, triggered={"t": images[10:]},
-                    regimes={}, splits={})
+                    regimes={}, splits={}, hard=images[:4], hard_kinds=("text", "text", "stripes", "stripes"))
     pred_trig = np.zeros(10, int)  # the probe sends every triggered image to the target: ASR 1
     run = EncoderRun(victim=Victim("v", "badencoder", "t", Path("v.pth")), own=("t",), embed_dim=2, embeddings={},
                      train_images={}, asset_suspects={}, pred_clean=labels.copy(), pred_trig={"t": pred_trig},
@@ -109,7 +109,8 @@ def test_collect_turns_constructed_scores_into_the_expected_records():
     trig_z = np.tile([[0.0, 3.0]], (10, 1)).astype(np.float32)  # larger norm, and far from the clean reference
     jobs = [ProbeJob(**row, pred_clean=labels, test_labels=labels, pred_trig=pred_trig, trig_labels=labels[10:],
                      target=0),
-            BaselineJob(**row, view="raw", method="embedding_norm", regime="-", clean=clean_z, triggered=trig_z),
+            BaselineJob(**row, view="raw", method="embedding_norm", regime="-", clean=clean_z, triggered=trig_z,
+                        hard=trig_z[:4]),  # hard images with the triggered ones' norm: hard AUROC 1
             BaselineJob(**row, view="raw", method="knn", regime="id", clean=clean_z, triggered=trig_z,
                         reference=clean_z, k=3)]
     decoder = DecoderJob(**{k: v for k, v in row.items() if k != "trigger"}, view="raw", regime="id", seed=5,
@@ -117,7 +118,8 @@ def test_collect_turns_constructed_scores_into_the_expected_records():
                          eval_images={}, eval_embeddings={}, normalization=Normalization())
     hold = np.arange(100, dtype=np.float32)  # threshold at 1% FPR: 99 (one clean score in 100 above it: none)
     scores = {"dede": {"hold": hold, "test": np.arange(20, dtype=np.float32),
-                       "trig:t": np.r_[np.full(6, 150.0), np.full(4, 50.0)]},  # 6 of 10 above the threshold
+                       "trig:t": np.r_[np.full(6, 150.0), np.full(4, 50.0)],  # 6 of 10 above the threshold
+                       "hard": np.array([150.0, 10.0, 150.0, 150.0])},  # 3 of 4 above; 10 ties one clean score
               "dede_trimmed": {"hold": hold, "test": np.full(20, 120.0),  # every clean image flagged
                                "trig:t": np.full(10, 10.0)}}  # triggered below clean: AUROC 0
     plan = EvalPlan(config=EvalConfig(seeds=(5,)), sets=sets, runs={"v": run}, jobs=[*jobs, decoder])
@@ -126,6 +128,11 @@ def test_collect_turns_constructed_scores_into_the_expected_records():
     assert [r["method"] for r in got.records] == ["probe", "embedding_norm", "knn", "dede", "dede_trimmed"]
     assert (by["probe"]["ba"], by["probe"]["asr"]) == (1.0, 1.0)
     assert by["embedding_norm"]["auroc"] == 1.0 and by["knn"]["auroc"] == 1.0
+    # hard clean images: AUROC against the clean test scores; FPR only where a calibrated threshold exists
+    assert by["embedding_norm"]["hard_auroc"] == 1.0 and "hard_fpr" not in by["embedding_norm"]
+    assert "hard_auroc" not in by["knn"] and "hard_auroc" not in by["dede_trimmed"]  # those scored none
+    assert by["dede"]["hard_auroc"] == pytest.approx((3 + 10.5 / 20) / 4) and by["dede"]["hard_fpr"] == 0.75
+    assert by["dede"]["hard_fpr_by_kind"] == {"text": 0.5, "stripes": 1.0}
     dede = by["dede"]
     assert dede["threshold"] == 99.0 and dede["auroc"] == 1.0
     assert (dede["tpr_at_threshold"], dede["fpr_at_threshold"], dede["removed_clean"]) == (0.6, 0.0, 0.0)
@@ -150,7 +157,7 @@ def test_eval_config_validates_on_construction(tmp_path):
                              ({"regimes": ("id", "x")}, "id and/or ood"),
                              ({"train_data": "a", "test_data": "b", "regimes": ("ood",)}, "needs --ood-data"),
                              ({"poison_rate": 1.0}, "--poison-rate"), ({"seeds": ()}, "at least one"),
-                             ({"trim": 1.0}, "--trim"), ({"fpr": 0.0}, "--fpr"),
+                             ({"trim": 1.0}, "--trim"), ({"fpr": 0.0}, "--fpr"), ({"hard_images": -1}, "--hard-images"),
                              ({"decoder": {**EvalConfig().decoder, "patch_size": 3}}, "does not fit"),
                              ({"victim_files": (f"badencoder:blend={victim}",)}, "need --clean-encoder"),
                              ({"victims": ("a=badencoder:blend", "a=drupe:blend")}, "unique")):
@@ -497,3 +504,17 @@ def test_run_eval_with_poisoned_id_training(tmp_path, demo_images):
     assert any("training 4 DeDe decoders" in line for line in lines)
     md = (tmp_path / "out" / "results.md").read_text()
     assert "carrying the row's trigger" in md and "CTRL mod is on" in md
+    # the hard-clean-image control: every DeDe record (victims and the clean control) and embedding baseline
+    assert results["hard_images"]["count"] == 200 and sum(results["hard_images"]["kinds"].values()) == 200
+    scored = [r for r in results["records"] if r["method"] in ("dede", "dede_trimmed", "dede_relative",
+                                                               "embedding_norm", "knn")]
+    assert {r["encoder"] for r in scored} == {"clean", "badencoder_blend", "badencoder_white_square"}
+    assert all(0.0 <= r["hard_auroc"] <= 1.0 for r in scored)
+    decoders = [r for r in scored if r["method"].startswith("dede")]
+    assert all(0.0 <= r["hard_fpr"] <= 1.0 and set(r["hard_fpr_by_kind"]) == set(results["hard_images"]["kinds"])
+               for r in decoders)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all("hard_auroc" in r and "hard_fpr" in r for r in saved["summary"] if r["method"].startswith("dede"))
+    hard_md = md.split("### False alarms: hard clean images")[1].split("### Downstream")[0]
+    rows = [line for line in hard_md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 4 and sum(r.startswith("| control: clean encoder |") for r in rows) == 2  # one per trigger

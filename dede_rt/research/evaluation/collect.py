@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from dede_rt.bundle.thresholds import threshold_at_fpr
 from dede_rt.metrics import detection_report
@@ -29,6 +30,28 @@ def _labelled(scores: dict[str, np.ndarray], trigger: str) -> tuple[np.ndarray, 
     return np.r_[np.zeros(len(clean)), np.ones(len(trig))], np.r_[clean, trig]
 
 
+def hard_report(scores: dict[str, np.ndarray], threshold: float | None = None,
+                kinds: tuple[str, ...] = ()) -> dict:
+    """The hard-clean-image control of one row: ``hard_auroc`` (hard images as positives vs the clean test images),
+    and with a calibrated ``threshold`` ``hard_fpr`` (share of hard images above it) and ``hard_fpr_by_kind``.
+
+    Empty when the row scored no hard images. 0.5 = hard images look no more triggered than ordinary clean ones.
+    """
+    hard = scores.get("hard")
+    if hard is None or len(hard) == 0:
+        return {}
+    clean = scores["test"]
+    report: dict = {"hard_auroc": float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(hard))],
+                                                      np.r_[clean, hard].astype(np.float64)))}
+    if threshold is not None:
+        flagged = hard > threshold  # the eval's own rule (flag: score > threshold), as for the test set
+        report["hard_fpr"] = float(flagged.mean())
+        if len(kinds) == len(hard):
+            names = np.asarray(kinds)
+            report["hard_fpr_by_kind"] = {k: float(flagged[names == k].mean()) for k in dict.fromkeys(kinds)}
+    return report
+
+
 def _decoder_records(plan: EvalPlan, job: DecoderJob, res: JobResult, out: Collected) -> None:
     """Per method: the threshold at the FPR on held-out clean images, then each row's detection and downstream."""
     run, sets = plan.runs[job.encoder], plan.sets
@@ -46,7 +69,7 @@ def _decoder_records(plan: EvalPlan, job: DecoderJob, res: JobResult, out: Colle
                 "train_seconds": round(res.seconds, 1), **detection_report(labels, scores, threshold),
                 "ba_after": accuracy(run.pred_clean[~flag_c], test_labels[~flag_c]),
                 "asr_after": float(((pred_trig == sets.target) & ~flag_t).sum() / len(flag_t)),
-                "removed_clean": float(flag_c.mean())})
+                "removed_clean": float(flag_c.mean()), **hard_report(sc, threshold, sets.hard_kinds)})
             if job.seed == plan.config.seeds[0]:
                 out.curves[(job.encoder, t, job.view, method, job.regime)] = (labels, scores)
     if job.recon:
@@ -69,7 +92,7 @@ def collect(plan: EvalPlan, results: list[JobResult]) -> Collected:
             labels, scores = _labelled(res.scores[method], job.trigger)
             out.records.append({"encoder": job.encoder, "attack": job.attack, "trigger": job.trigger, "view": view,
                                 "method": method, "regime": regime, "seed": None,
-                                **detection_report(labels, scores)})
+                                **detection_report(labels, scores), **hard_report(res.scores[method])})
             out.curves[(job.encoder, job.trigger, view, method, regime)] = (labels, scores)
         elif isinstance(job, DecoderJob):
             _decoder_records(plan, job, res, out)

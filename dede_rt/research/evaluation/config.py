@@ -53,6 +53,7 @@ class EvalConfig:
     asset_epochs: int = 1  # ASSET baseline epochs (the reference: 1); 0 = skip
     asset_poison_rate: float = 0.1  # ASSET screens the ID split with this share triggered (poison_rate when > 0)
     recon_examples: int = 6
+    hard_images: int = 200  # hard clean images (textures, text, checkerboards, stripes) scored as a control; 0 = off
     victim_files: tuple[str, ...] = ()  # "[NAME=]ATTACK:TRIGGER=PATH": the user's victims, loaded instead of built
     clean_encoder: str | None = None  # the user's clean encoder: the control row of loaded victims
     normalization: Normalization = field(default_factory=Normalization)  # encoder input (mean/std, image size)
@@ -121,6 +122,9 @@ class EvalConfig:
         if self.asset_epochs < 0 or not 0.0 < self.asset_poison_rate < 1.0:
             raise UserError(f"ASSET needs --asset-epochs >= 0 and a poison rate in (0, 1), got {self.asset_epochs} "
                             f"and {self.asset_poison_rate}")
+        if self.hard_images < 0:
+            raise UserError(f"--hard-images is a count of hard clean images (0 = no such control), got "
+                            f"{self.hard_images}")
         if not 0.0 <= self.trim < 1.0:
             raise UserError(f"--trim is the share of patches the patch-robust score drops: in [0, 1), got {self.trim}")
         if self.relative_k < 0 or self.prototypes < max(1, self.relative_k):

@@ -41,7 +41,10 @@ def _baseline(job: BaselineJob) -> JobResult:
     else:
         def score(z: np.ndarray) -> np.ndarray:
             return knn_distance_scores(z, job.reference, job.k)
-    return JobResult(scores={job.method: {"test": score(job.clean), f"trig:{job.trigger}": score(job.triggered)}})
+    sets = {"test": score(job.clean), f"trig:{job.trigger}": score(job.triggered)}
+    if job.hard is not None:  # the hard clean images: how suspicious clean-but-hard images look to the baseline
+        sets["hard"] = score(job.hard)
+    return JobResult(scores={job.method: sets})
 
 
 def _decoder(job: DecoderJob) -> JobResult:

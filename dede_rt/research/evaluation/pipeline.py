@@ -17,6 +17,10 @@ trigger stamped in uint8 (positives). Variants:
 - ``raw`` and ``l2``: the same encoder with embeddings L2-normalized;
 - seeds: one decoder per seed; the table reports mean ± std over seeds;
 - control: the CLEAN encoder scored on the same triggered images;
+- false alarms: ``hard_images`` clean images that are hard to reconstruct but
+  carry no trigger (``data/hard_images.py``: textures, text, checkerboards,
+  stripes) scored by every row's detectors: ``hard_auroc`` against the clean
+  test images and, for DeDe, ``hard_fpr`` at the calibrated threshold;
 - score: the reference sum of squared error over all patches, and (``trim``)
   the patch-robust variant that drops the worst ``trim`` share of patches
   (``scoring.trimmed_sse``): a pasted patch the decoder cannot redraw raises
@@ -116,6 +120,11 @@ def run_eval(config: EvalConfig, *, out: str | Path, data: EvalData | None = Non
                              progress=progress, log=log)
     sets = EvalSets.build(config, data, sorted({v.trigger_name for v in encoders if v.attack != "clean"}))
     log(f"data: {data.summary()}; test: {len(data.test)} clean + {int(sets.nontarget.sum())} triggered per trigger")
+    hard = {"count": config.hard_images,
+            "kinds": {k: sets.hard_kinds.count(k) for k in dict.fromkeys(sets.hard_kinds)}}
+    if config.hard_images:
+        log(f"hard clean images (false-alarm control): {config.hard_images} ("
+            + ", ".join(f"{n} {k}" for k, n in hard["kinds"].items()) + ")")
     for v in encoders:
         status = "control" if v.attack == "clean" else ("backdoored" if v.backdoored else "FAILED attack (ASR < 0.8)")
         log(f"victim {v.name}: BA {v.ba:.3f}  ASR {v.asr:.3f}  [{status}]")
@@ -133,7 +142,8 @@ def run_eval(config: EvalConfig, *, out: str | Path, data: EvalData | None = Non
     collected = collect(plan, execute_all(plan.jobs, workers=workers, log=log))
     results = {
         "config": config.to_dict(), "data": data.summary(), "target_class": sets.target,
-        "victims": [v.to_dict() for v in encoders], "decree": collected.decree, "records": collected.records,
+        "victims": [v.to_dict() for v in encoders], "hard_images": hard, "decree": collected.decree,
+        "records": collected.records,
         "seconds": round(time.perf_counter() - t_start, 1), "workers": workers,
     }
     write_report(out, results, curves=collected.curves, recon=collected.recon)

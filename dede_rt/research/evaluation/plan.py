@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dede_rt.data.hard_images import hard_clean_set
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig
@@ -35,6 +36,8 @@ class EvalSets:
     triggered: dict[str, np.ndarray]  # trigger name -> the non-target test images, stamped
     regimes: dict[str, np.ndarray]  # regime -> decoder training images (clean)
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # regime -> (train, held-out) indices
+    hard: np.ndarray | None = None  # hard clean images (no trigger), scored as a false-alarm control; None = off
+    hard_kinds: tuple[str, ...] = ()  # the kind of each hard image (``data.hard_images.KINDS``)
 
     @property
     def trig_labels(self) -> np.ndarray:
@@ -47,9 +50,11 @@ class EvalSets:
         nontarget = data.test_labels != config.victim.target
         triggers = {t: make_trigger(t, config.normalization.image_size, config.victim.seed) for t in trigger_names}
         regimes = {"id": data.id_train, "ood": data.ood_train}
+        hard = hard_clean_set(config.hard_images, config.normalization.image_size, seed=config.victim.seed)
         return cls(data=data, target=config.victim.target, nontarget=nontarget, triggers=triggers,
                    triggered={t: trig.stamp(data.test[nontarget]) for t, trig in triggers.items()}, regimes=regimes,
-                   splits={r: _split(config, len(regimes[r])) for r in config.regimes})
+                   splits={r: _split(config, len(regimes[r])) for r in config.regimes},
+                   hard=hard.images if config.hard_images else None, hard_kinds=hard.kinds)
 
 
 def _split(config: EvalConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +85,7 @@ class EncoderRun:
     victim: Victim
     own: tuple[str, ...]  # the triggers whose rows this encoder has (every trigger for the control)
     embed_dim: int
-    embeddings: dict[str, np.ndarray]  # raw; "id", "ood", "test", "trig:<t>", "id+<t>" (poisoned ID)
+    embeddings: dict[str, np.ndarray]  # raw; "id", "ood", "test", "trig:<t>", "id+<t>" (poisoned ID), "hard"
     train_images: dict[str, np.ndarray]  # decoder training images: "id", "ood", "id+<t>" (poisoned ID)
     asset_suspects: dict[str, tuple[np.ndarray, np.ndarray]]  # trigger -> (images, embeddings) ASSET screens
     pred_clean: np.ndarray  # the downstream probe's predictions on the clean test set
@@ -122,7 +127,8 @@ def encoder_run(config: EvalConfig, sets: EvalSets, victim: Victim) -> EncoderRu
     encoder = victim.encoder(image_size=norm.image_size)
     own = tuple(sorted(sets.triggers)) if victim.attack == "clean" else (victim.trigger_name,)
     images = {"id": data.id_train, **({"ood": data.ood_train} if "ood" in config.regimes else {}),
-              "test": data.test, **{f"trig:{t}": sets.triggered[t] for t in own}}
+              "test": data.test, **{f"trig:{t}": sets.triggered[t] for t in own},
+              **({"hard": sets.hard} if sets.hard is not None else {})}
     raw = {name: compute_embeddings(encoder, norm, x) for name, x in images.items()}
     probe = fit_probe(raw["id"], data.id_train_labels, seed=config.victim.seed)
     train_images = dict(sets.regimes)
@@ -174,6 +180,7 @@ class BaselineJob:
     triggered: np.ndarray
     reference: np.ndarray | None = None  # kNN's reference embeddings
     k: int = 10
+    hard: np.ndarray | None = None  # embeddings of the hard clean images (the false-alarm control), if scored
 
 
 @dataclass(kw_only=True)
@@ -190,7 +197,8 @@ class DecoderJob:
     train: TrainConfig
     train_images: np.ndarray
     train_embeddings: np.ndarray
-    eval_images: dict[str, np.ndarray]  # "hold", "test", "trig:<t>" (+ "test_nontarget" for reconstructions)
+    eval_images: dict[str, np.ndarray]  # "hold", "test", "trig:<t>", "hard" (hard clean images, when on)
+    # (+ "test_nontarget" for reconstructions)
     eval_embeddings: dict[str, np.ndarray]
     normalization: Normalization  # the decoder's target normalization (the encoder's)
     recon: int = 0  # reconstruct this many clean/triggered non-target test images
@@ -253,7 +261,7 @@ def _row_jobs(config: EvalConfig, sets: EvalSets, run: EncoderRun) -> list[Job]:
         view, emb = ("l2" if l2 else "raw"), run.view(l2)
         for t in run.own:
             row = {"encoder": v.name, "attack": v.attack, "trigger": t, "view": view, "clean": emb["test"],
-                   "triggered": emb[f"trig:{t}"]}
+                   "triggered": emb[f"trig:{t}"], "hard": emb.get("hard")}
             jobs.append(BaselineJob(**row, method="embedding_norm", regime="-"))
             jobs += [BaselineJob(**row, method="knn", regime=regime, k=config.knn_k,
                                  reference=emb[run.train_key(regime, t)][sets.splits[regime][0]])
@@ -283,6 +291,8 @@ def _decoder_jobs(config: EvalConfig, sets: EvalSets, run: EncoderRun) -> list[D
                                    **{f"trig:{t}": sets.triggered[t] for t in group}}
                     eval_emb = {"hold": emb[regime][hold_idx], "test": emb["test"],
                                 **{f"trig:{t}": emb[f"trig:{t}"] for t in group}}
+                    if sets.hard is not None:  # the same decoder scores the hard clean images: false alarms
+                        eval_images["hard"], eval_emb["hard"] = sets.hard, emb["hard"]
                     if first:
                         eval_images["test_nontarget"] = data.test[sets.nontarget][: config.recon_examples]
                         eval_emb["test_nontarget"] = emb["test"][sets.nontarget][: config.recon_examples]

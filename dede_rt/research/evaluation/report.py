@@ -35,7 +35,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         row = {"encoder": encoder, "attack": attack, "trigger": trigger, "view": view, "method": method,
                "regime": regime, "n": len(rs)}
         for key in ("auroc", "auprc", "tpr_at_fpr_0.01", "tpr_at_threshold", "fpr_at_threshold", "ba_after",
-                    "asr_after", "ba", "asr"):
+                    "asr_after", "ba", "asr", "hard_auroc", "hard_fpr"):
             if key in rs[0]:
                 row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
         rows.append(row)
@@ -53,6 +53,41 @@ def _cell(row: dict | None) -> str:
         return "–"
     auroc = f"{row['auroc']:.3f}" + (f"±{row['auroc_std']:.3f}" if row["n"] > 1 else "")
     return f"{auroc} / {row['auprc']:.3f} / {row['tpr_at_fpr_0.01']:.2f}"
+
+
+def _hard_cell(row: dict | None) -> str:
+    """'hard AUROC (±std) / FPR at the calibrated threshold' of one row; '–' where not scored."""
+    if row is None or "hard_auroc" not in row:
+        return "–"
+    auroc = f"{row['hard_auroc']:.3f}" + (f"±{row['hard_auroc_std']:.3f}" if row["n"] > 1 else "")
+    return auroc + (f" / {row['hard_fpr']:.3f}" if "hard_fpr" in row else " / –")
+
+
+def hard_table(results: dict, rows: list[dict]) -> list[str]:
+    """Markdown lines of the hard-clean-image control (no lines when the run scored no hard images)."""
+    index = {(r["encoder"], r["trigger"], r["view"], r["method"], r["regime"]): r for r in rows if "hard_auroc" in r}
+    if not index:
+        return []
+    columns = [c for c in METHOD_COLUMNS if any(k[3:] == c[:2] for k in index)]
+    info = results.get("hard_images") or {}
+    kinds = ", ".join(f"{n} {k}" for k, n in info.get("kinds", {}).items())
+    fpr = results["config"]["fpr"]
+    lines = ["", "### False alarms: hard clean images (hard AUROC / FPR at the calibrated threshold)", "",
+             f"{info.get('count', '?')} clean images that are hard to reconstruct and carry no trigger ({kinds}; "
+             "`dede_rt/data/hard_images.py`), scored by each row's own detectors. Hard AUROC = hard images "
+             "(positives) against the clean test images (negatives): 0.5 = no more suspicious than ordinary clean "
+             f"images (target <= 0.65). FPR = share of hard images above the threshold calibrated at {fpr:g} FPR on "
+             "clean held-out images (DeDe columns; the embedding baselines have no calibrated threshold, ASSET "
+             "needs class labels and is not scored).", "",
+             "| victim | trigger | embeddings | " + " | ".join(c[2] for c in columns) + " |",
+             "|" + "---|" * (3 + len(columns))]
+    for encoder, attack, trigger, view in _row_order(rows):
+        cells = [_hard_cell(index.get((encoder, trigger, view, m, g))) for m, g, _ in columns]
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {_victim_label(encoder, attack, trigger)} | {TRIGGER_NAMES.get(trigger, trigger)} | {view} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
@@ -126,6 +161,7 @@ def markdown_table(results: dict) -> str:
         cells = [_cell(index.get((encoder, trigger, view, m, g))) for m, g, _ in METHOD_COLUMNS]
         lines.append(f"| {name} | {TRIGGER_NAMES.get(trigger, trigger)} | {view} | {asr} | " + " | ".join(cells)
                      + f" | {decree} |")
+    lines += hard_table(results, rows)
     lines += ["", f"### Downstream: linear probe BA/ASR before and after removing flagged samples (DeDe, raw "
               f"embeddings, threshold at {cfg['fpr']:g} FPR calibrated on clean held-out data of the regime)", "",
               "ASR after = triggered test images that are NOT flagged and still classified as the target, over all "

@@ -36,6 +36,10 @@ from dede_rt.training import TrainConfig, compute_embeddings, train_detector
 RESULTS = Path(__file__).parent / "results"
 
 
+# Candidate defaults, measured against "default" (TrainConfig()) in the same run: name -> TrainConfig fields.
+VARIANTS: dict[str, dict] = {}
+
+
 def _auroc_tracker(encoder_path: Path, l2: bool, norm: Normalization, clean: np.ndarray, triggered: np.ndarray,
                    every: int):
     """on_epoch hook: test AUROC of the decoder so far (summed score), with the seconds it took to compute."""
@@ -69,8 +73,8 @@ def _auroc_tracker(encoder_path: Path, l2: bool, norm: Normalization, clean: np.
 def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, data, train_idx, cal_idx,
             clean: np.ndarray, triggered: np.ndarray, norm: Normalization, every: int, seed: int) -> dict:
     """Train one detector as the product does and report its quality and timing."""
-    config = TrainConfig(seed=seed) if schedule == "default" else \
-        TrainConfig(epochs=reference_epochs, precision="fp32", seed=seed)
+    config = TrainConfig(epochs=reference_epochs, precision="fp32", seed=seed) if schedule == "reference" else \
+        TrainConfig(seed=seed, **VARIANTS.get(schedule, {}))
     hook, points, spent = _auroc_tracker(encoder, l2, norm, clean, triggered, every) if schedule == "reference" \
         else (None, [], [0.0])
     t0 = time.perf_counter()
@@ -81,7 +85,7 @@ def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, da
     report = detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01))
     q = det.sections["quality"]
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
-    row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "seed": seed, "config": config.to_dict(),
+    row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed, "config": config.to_dict(),
            "epochs_run": q["epochs_run"], "planned_epochs": q["planned_epochs"], "stopped": q["stopped"],
            "best_epoch": q["best_epoch"], "kept_epoch": q["kept_epoch"], "precision": q["precision"], "minutes": round(seconds / 60, 3),
            "eta_seconds": eta, "actual_after_plan_seconds": actual,
@@ -119,6 +123,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     """Run every (encoder, form, schedule) and write the JSON and PNG."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,7 +137,9 @@ def main() -> None:
     parser.add_argument("--clean", type=Path, help="The clean encoder the victim was made from (the control).")
     parser.add_argument("--reference-epochs", type=int, default=200)
     parser.add_argument("--forms", default="raw,l2", help="raw, l2 or both")
-    parser.add_argument("--schedules", default="default,reference")
+    parser.add_argument("--schedules", default="default,reference",
+                        help="default, reference and NAME=field:value/field:value variants of the default, "
+                        "e.g. b64=batch_size:64")
     parser.add_argument("--every", type=int, default=2, help="reference curve: test AUROC every N epochs")
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--out", type=Path, default=RESULTS / "time_to_detector.json")
@@ -135,10 +148,16 @@ def main() -> None:
     data, train_idx, cal_idx, test_idx = demo_splits(settings, norm)
     clean = data.images[test_idx]
     triggered = white_square(norm.image_size).stamp(clean[data.labels[test_idx] != TARGET_CLASS])
+    schedules = []
+    for item in args.schedules.split(","):
+        name, _, fields = item.partition("=")
+        if fields:  # NAME=field:value/field:value, values as JSON (numbers, strings in quotes not needed)
+            VARIANTS[name] = {k: _value(v) for k, v in (f.split(":", 1) for f in fields.split("/"))}
+        schedules.append(name)
     rows = []
     for encoder in [args.victim] + ([args.clean] if args.clean else []):
         for l2 in [f == "l2" for f in args.forms.split(",")]:
-            for schedule in args.schedules.split(","):
+            for schedule in schedules:
                 rows.append(run_one(encoder=encoder, l2=l2, schedule=schedule, reference_epochs=args.reference_epochs,
                                     data=data, train_idx=train_idx, cal_idx=cal_idx, clean=clean,
                                     triggered=triggered, norm=norm, every=args.every, seed=args.seed))

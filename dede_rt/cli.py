@@ -83,6 +83,8 @@ def train(
     min_delta: float = typer.Option(0.002, help="Relative held-out improvement that counts (0.002 = 0.2%)."),
     device: str = typer.Option("auto", help="auto (CUDA when torch sees a GPU), cpu or cuda."),
     batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
+    lr_schedule: str = typer.Option("constant", help="constant (reference) or cosine (one warm-up epoch, then a "
+                                    "cosine decay to 0 over the planned or fixed epochs)."),
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
     optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
     grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),
@@ -118,7 +120,7 @@ def train(
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            mask_ratio=mask_ratio, seed=seed, optimizer=optimizer, grad_clip=grad_clip,
                            high_norm_share=high_norm_share, precision=train_precision, max_minutes=max_minutes,
-                           patience=patience, min_delta=min_delta, device=device),
+                           patience=patience, min_delta=min_delta, device=device, lr_schedule=lr_schedule),
         encoder_format=encoder_format, l2_normalize=l2_normalize, threshold_data=threshold_data, holdout_fraction=holdout,
         fprs=tuple(sorted({fpr, 0.01, 0.05})), default_fpr=fpr, embed_encoder=embed_encoder, resume=resume,
         progress=not quiet, score="summed" if score == "reference" else score,  # the first round's name

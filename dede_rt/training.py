@@ -39,6 +39,19 @@ if TYPE_CHECKING:
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 TRAIN_DEVICES = ("auto", "cpu", "cuda")
 EPOCHS_AUTO = "auto"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base: float, schedule: str, epoch: int, step: int, steps_per_epoch: int,
+                 total_epochs: int | None) -> float:
+    """The learning rate of batch ``step`` of 0-based ``epoch`` (``total_epochs`` None: not planned yet)."""
+    if schedule == "constant":
+        return base
+    progress = (epoch + step / steps_per_epoch)  # epochs done, fractional
+    if epoch == 0 or total_epochs is None or total_epochs <= 1:  # warm-up (the planning epoch)
+        return base * (0.1 + 0.9 * min(progress, 1.0))
+    span = max(total_epochs - 1, 1e-9)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min((progress - 1.0) / span, 1.0)))
 
 
 @dataclass
@@ -71,12 +84,17 @@ class TrainConfig:
     patience: int | None = None  # None: stopping.PATIENCE with epochs "auto", 0 (never stop early) with N epochs
     min_delta: float = MIN_DELTA  # relative improvement of the held-out error that resets the patience
     device: str = "auto"  # "auto": CUDA when torch sees a GPU, else CPU
+    # "constant" (the reference) or "cosine": one epoch of linear warm-up from lr/10, then a cosine decay to
+    # zero over the rest of the planned (or fixed) epochs, stepped per batch.
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.high_norm_share < 1.0:
             raise UserError(f"the high-norm share must be in [0, 1), got {self.high_norm_share}")
         if self.precision not in TRAIN_PRECISIONS:
             raise UserError(f"unknown training precision {self.precision!r}; choose one of {', '.join(TRAIN_PRECISIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown LR schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.device not in TRAIN_DEVICES:
             raise UserError(f"unknown training device {self.device!r}; choose one of {', '.join(TRAIN_DEVICES)}")
         if isinstance(self.epochs, str) and self.epochs.isdigit():
@@ -334,6 +352,10 @@ def train_decoder(
         order = torch.randperm(n, generator=generator).numpy()
         total, seen, data_seconds = 0.0, 0, 0.0
         for b in range(steps_per_epoch):
+            if config.lr_schedule != "constant":
+                lr = scheduled_lr(config.lr, config.lr_schedule, epoch, b, steps_per_epoch, planned)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             t_data = time.perf_counter()
             idx = np.sort(order[b * config.batch_size : (b + 1) * config.batch_size])
             x = _to(normalization.apply(images_u8[idx]), device)

@@ -112,3 +112,17 @@ def test_bf16_and_fp32_scores_of_one_decoder_rank_alike(setup, demo_images):
             bf16 = tail(x, z).float().numpy()
     assert not np.array_equal(fp32, bf16)  # autocast really changed the arithmetic
     assert spearmanr(fp32, bf16).statistic >= 0.99
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from dede_rt.training import scheduled_lr
+
+    assert scheduled_lr(1e-3, "constant", 5, 3, 10, 20) == 1e-3
+    # the first (planning) epoch warms up linearly from lr/10, whether or not the plan exists yet
+    assert scheduled_lr(1e-3, "cosine", 0, 0, 10, None) == pytest.approx(1e-4)
+    assert scheduled_lr(1e-3, "cosine", 0, 5, 10, None) == pytest.approx(5.5e-4)
+    assert scheduled_lr(1e-3, "cosine", 1, 0, 10, 11) == pytest.approx(1e-3)  # peak when the decay starts
+    assert scheduled_lr(1e-3, "cosine", 6, 0, 10, 11) == pytest.approx(5e-4)  # half-way
+    assert scheduled_lr(1e-3, "cosine", 10, 10, 10, 11) == pytest.approx(0.0, abs=1e-12)
+    lrs = [scheduled_lr(1e-3, "cosine", e, b, 4, 9) for e in range(1, 9) for b in range(4)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after the warm-up

@@ -69,15 +69,16 @@ def test_resume_accepts_a_checkpoint_from_before_an_option_existed(setup, tmp_pa
     import json
 
     enc, norm, imgs = setup
-    train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5), checkpoint_dir=tmp_path,
-                  progress=False)
+    # fp32 explicitly: "auto" is bf16 on CPUs with AVX512-BF16/AMX, and the old checkpoint's value is fp32
+    train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5, precision="fp32"),
+                  checkpoint_dir=tmp_path, progress=False)
     ckpt = tmp_path / "train_state.pt"
     state = torch.load(ckpt, weights_only=True)
     old = json.loads(state["config"])
     del old["precision"]
     state["config"] = json.dumps(old)
     torch.save(state, ckpt)
-    resumed = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=2, batch_size=32, seed=5),
+    resumed = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=2, batch_size=32, seed=5, precision="fp32"),
                             checkpoint_dir=tmp_path, resume=True, progress=False)
     assert resumed.epochs_run == 1
     with pytest.raises(UserError, match="'precision': \\('fp32', 'bf16'\\)"):

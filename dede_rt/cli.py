@@ -74,17 +74,22 @@ def train(
     holdout: float = typer.Option(0.1, help="Fraction of --data held out for the thresholds when --threshold-data is not given."),
     fpr: float = typer.Option(0.01, help="Target false-positive rate of the default threshold (0.05 is also stored)."),
     epochs: str = typer.Option("auto", help="auto: plan the epochs that fit in --max-minutes from a timed first "
-                               "epoch and stop once the held-out clean error stops improving (at most 200); N: "
-                               "exactly N epochs (the reference schedule is 200 with --train-precision fp32)."),
+                               "epoch (at most 200), batch 64, LR warm-up + cosine decay over the plan, keep the "
+                               "best held-out epoch; N: exactly N epochs (the reference schedule is 200 with "
+                               "--train-precision fp32: batch 256, constant LR)."),
     max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole run (default with "
                                                 "--epochs auto: 10)."),
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a held-out improvement "
-                                           "of --min-delta (default: 5 with --epochs auto, off with N; 0 = off)."),
+                                           "of --min-delta (default: 5 with --epochs auto and --lr-schedule "
+                                           "constant; off under cosine and with N; 0 = off)."),
     min_delta: float = typer.Option(0.002, help="Relative held-out improvement that counts (0.002 = 0.2%)."),
     device: str = typer.Option("auto", help="auto (CUDA when torch sees a GPU), cpu or cuda."),
-    batch_size: int = typer.Option(256), lr: float = typer.Option(1e-3),
-    lr_schedule: str = typer.Option("constant", help="constant (reference) or cosine (one warm-up epoch, then a "
-                                    "cosine decay to 0 over the planned or fixed epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch (default: 256, the reference, with "
+                                             "--epochs N; 64 with --epochs auto)."),
+    lr: float = typer.Option(1e-3),
+    lr_schedule: str = typer.Option("auto", help="constant (reference) or cosine (one warm-up epoch, then a "
+                                    "cosine decay to 0 over the planned or fixed epochs); auto: constant with "
+                                    "--epochs N, the --epochs auto default otherwise."),
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
     optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
     grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),

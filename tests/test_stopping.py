@@ -13,7 +13,8 @@ from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig
 from dede_rt.models.encoders import load_encoder
 from dede_rt.stopping import AUTO_MAX_EPOCHS, Budget, EarlyStopping
-from dede_rt.training import HeldOutError, TrainConfig, compute_embeddings, train_decoder
+from dede_rt.training import (AUTO_BATCH_SIZE, AUTO_LR_SCHEDULE, REFERENCE_BATCH_SIZE, HeldOutError, TrainConfig,
+                              compute_embeddings, train_decoder)
 
 DCONF = DecoderConfig(embed_dim=128, dim=32, heads=2, encoder_depth=1, decoder_depth=1)
 
@@ -28,9 +29,16 @@ def test_budget_plans_whole_epochs_in_what_is_left():
     assert budget.allows_another(epoch_seconds=10.0, spent=585.0, reserve=5.0)
     assert not budget.allows_another(epoch_seconds=10.0, spent=586.0, reserve=5.0)
     config = TrainConfig()
-    assert config.auto and config.budget() == Budget(600.0, AUTO_MAX_EPOCHS) and config.stop_patience() == 5
+    assert config.auto and config.budget() == Budget(600.0, AUTO_MAX_EPOCHS)
+    # cosine (the auto default) ends with its plan; a constant LR stops early after 5 flat epochs
+    assert config.stop_patience() == 0 and TrainConfig(lr_schedule="constant").stop_patience() == 5
+    assert TrainConfig(patience=3).stop_patience() == 3
     fixed = TrainConfig(epochs="200")  # the CLI passes text: the reference schedule, no budget, no early stop
     assert fixed.epochs == 200 and fixed.budget() == Budget(None, 200) and fixed.stop_patience() == 0
+    # the reference's batch and constant LR with a fixed schedule; the measured budget defaults with auto
+    assert (fixed.batch_size, fixed.lr_schedule) == (REFERENCE_BATCH_SIZE, "constant")
+    assert (config.batch_size, config.lr_schedule) == (AUTO_BATCH_SIZE, AUTO_LR_SCHEDULE)
+    assert TrainConfig(batch_size=128, lr_schedule="cosine", epochs=3).batch_size == 128
     with pytest.raises(UserError, match="--epochs"):
         TrainConfig(epochs="many")
     with pytest.raises(UserError, match="--max-minutes"):
@@ -85,8 +93,9 @@ def test_early_stop_keeps_the_best_decoder_and_resume_is_a_no_op(setup, tmp_path
     stopped = train_decoder(enc, norm, imgs, DCONF, config, progress=False, holdout=hold, checkpoint_dir=tmp_path)
     assert stopped.stopped == "early_stop" and stopped.epochs_run == 2 and stopped.best_epoch == 1
     assert stopped.kept_epoch == 1
-    one = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5, precision="fp32"),
-                        progress=False)
+    # the same first epoch as a fixed 1-epoch run on the auto default's schedule (cosine: the warm-up epoch)
+    one = train_decoder(enc, norm, imgs, DCONF, TrainConfig(epochs=1, batch_size=32, seed=5, precision="fp32",
+                                                            lr_schedule=config.lr_schedule), progress=False)
     assert torch.equal(_weights(stopped.decoder), _weights(one.decoder))  # epoch 1's decoder was kept
     again = train_decoder(enc, norm, imgs, DCONF, config, progress=False, holdout=hold, checkpoint_dir=tmp_path,
                           resume=True)

@@ -74,8 +74,8 @@ def train(
     holdout: float = typer.Option(0.1, help="Fraction of --data held out for the thresholds when --threshold-data is not given."),
     fpr: float = typer.Option(0.01, help="Target false-positive rate of the default threshold (0.05 is also stored)."),
     epochs: str = typer.Option("auto", help="auto: plan the epochs that fit in --max-minutes from a timed first "
-                               "epoch (at most 200), batch 64, LR warm-up + cosine decay over the plan, keep the "
-                               "best held-out epoch; N: exactly N epochs (the reference schedule is 200 with "
+                               "epoch (at most 200), batch 64, LR warm-up + cosine decay over the plan, the "
+                               "held-out clean error recorded every epoch; N: exactly N epochs (the reference schedule is 200 with "
                                "--train-precision fp32: batch 256, constant LR)."),
     max_minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole run (default with "
                                                 "--epochs auto: 10)."),
@@ -89,7 +89,7 @@ def train(
     lr: float = typer.Option(1e-3),
     lr_schedule: str = typer.Option("auto", help="constant (reference) or cosine (one warm-up epoch, then a "
                                     "cosine decay to 0 over the planned or fixed epochs); auto: constant with "
-                                    "--epochs N, the --epochs auto default otherwise."),
+                                    "--epochs N, cosine with --epochs auto."),
     weight_decay: float = typer.Option(1e-6), mask_ratio: float = typer.Option(0.9), seed: int = typer.Option(21),
     optimizer: str = typer.Option("adam", help="adam (reference) or adamw"),
     grad_clip: Optional[float] = typer.Option(None, help="Clip gradient norm (e.g. 1.0)."),

@@ -165,7 +165,7 @@ def test_torchvision_vit_b16(tmp_path):
     assert info["embed_dim"] == 768
 
 
-@pytest.mark.skipif(not importable("timm"), reason=f"timm needs torchvision: {NO_TORCHVISION}")
+@pytest.mark.skipif(not importable("timm"), reason=f"timm does not import here (the timm extra is not installed, or its torchvision fails: {NO_TORCHVISION})")
 def test_timm_by_name_with_moco_v3_prefix(tmp_path):
     import timm
 
@@ -178,7 +178,7 @@ def test_timm_by_name_with_moco_v3_prefix(tmp_path):
     assert info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["resize_to"] == 248  # crop_pct 0.9
 
 
-@pytest.mark.skipif(not importable("open_clip"), reason=f"open_clip needs torchvision: {NO_TORCHVISION}")
+@pytest.mark.skipif(not importable("open_clip"), reason=f"open_clip does not import here (the clip extra is not installed, or its torchvision fails: {NO_TORCHVISION})")
 def test_open_clip_image_tower_from_a_whole_clip_checkpoint(tmp_path):
     import open_clip
 

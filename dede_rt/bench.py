@@ -71,7 +71,14 @@ def machine() -> dict:
 
 # Speed bundles (random init): the CIFAR victim of the first round and two 224-px ImageNet / CLIP-scale ones,
 # each with the reference-width decoder (patch 4 at 32 px; patch 32 at 224 px, the paper's CLIP setting).
-SPEED_MODELS = ("resnet18", "resnet50-224", "clip-vit-b32-224")
+SPEED_MODELS = {"resnet18": 32, "resnet50-224": 224, "clip-vit-b32-224": 224}  # name -> input size
+
+
+def speed_model_size(model: str) -> int:
+    """The input size of a speed bundle ``model``, or a one-line error naming the known ones."""
+    if model not in SPEED_MODELS:
+        raise UserError(f"unknown speed model {model!r}; choose one of {', '.join(SPEED_MODELS)}")
+    return SPEED_MODELS[model]
 
 
 def _speed_encoder(model: str, out: Path) -> tuple[str, dict]:
@@ -453,8 +460,7 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
     if clean is None:
         clean = demo_dataset(photo_count=400).images
     if bundle is None:
-        if model not in SPEED_MODELS:
-            raise UserError(f"unknown speed model {model!r}; choose one of {', '.join(SPEED_MODELS)}")
+        speed_model_size(model)  # an unknown name fails before any work
         bundle = Path(workdir) / f"bench-{model}-ref-decoder"
         if not (bundle / "manifest.json").is_file():
             log(f"building the speed bundle (random-init {model} + reference decoder) in {bundle}")
@@ -490,9 +496,7 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
     images = demo_dataset(photo_count=400).images
     expanded = expand_variants(variants, score_kernels, score_tails)  # a bad kernel/tail fails before any work
     calibrate = tuple(v[1] for v in variants if v[0] == "onnxruntime" and v[1] != "fp32")
-    if bundle is None and model not in SPEED_MODELS:
-        raise UserError(f"unknown speed model {model!r}; choose one of {', '.join(SPEED_MODELS)}")
-    size = read_manifest(bundle).image_size if bundle is not None else (32 if model == "resnet18" else 224)
+    size = read_manifest(bundle).image_size if bundle is not None else speed_model_size(model)
     if size != images.shape[1]:
         images = resize_set(ImageSet(images), size).images
     path = prepare_bundle(bundle, workdir, images, calibrate, log=log, model=model)

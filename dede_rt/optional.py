@@ -12,6 +12,7 @@ from types import ModuleType
 
 from dede_rt.errors import UserError
 
+TORCHVISION_EXTRAS = ("vision", "timm", "clip")
 ONNX_HINT = "pip install 'dede-rt[cpu]' (CPU) or 'dede-rt[gpu]' (CUDA)"
 
 
@@ -53,8 +54,10 @@ def import_extra(module: str, purpose: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - see above
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        # timm and open_clip import torchvision, whose PyPI Linux wheels are CUDA builds
+        torchvision = " with a torchvision built for this torch" if extra in TORCHVISION_EXTRAS else ""
         raise UserError(f"{purpose} needs {module.split('.')[0]}, which does not import here ({reason}): "
-                        f"pip install 'dede-rt[{extra}]' with a torchvision built for this torch") from None
+                        f"pip install 'dede-rt[{extra}]'{torchvision}") from None
 
 
 def importable(module: str) -> bool:

@@ -10,15 +10,13 @@ whose state is checkpointed, so an interrupted run resumes bit-exactly.
 
 from __future__ import annotations
 
-import dataclasses
-
 import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -581,7 +579,7 @@ def encoder_normalization(info: dict, given: Normalization | dict | None = None)
     given = dict(given or {})
     if "image_size" in given and "resize_to" not in given:
         given["resize_to"] = None  # a new size takes the default crop ratio, not the family's old resize length
-    return dataclasses.replace(base, **given)
+    return replace(base, **given)
 
 
 def train_detector(

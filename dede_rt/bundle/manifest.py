@@ -194,11 +194,9 @@ class Manifest:
     @property
     def pixels(self) -> Resize:
         """How files are decoded for this detector (its resize rule): the same in training, scan and calibration."""
-        from dede_rt.data.images import Resize
+        from dede_rt.data.transforms import Normalization
 
-        n = self.normalization
-        return Resize(int(n["image_size"]), n.get("resize", "squash"), n.get("resize_to"),
-                      n.get("interpolation", "bicubic"))
+        return Normalization.from_dict(self.normalization).pixels  # one place for the defaults of old records
 
     def to_dict(self) -> dict:
         """The JSON document."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dede_rt.errors import UserError
+from dede_rt.models.families.checkpoints import read_checkpoint
 from dede_rt.models.resnet import ARCHITECTURES, CifarResNet, ResNetConfig
 
 FORMATS = ("auto", "badencoder", "state_dict", "torchscript", "onnx")
@@ -120,12 +121,6 @@ def detect_format(path: str | Path) -> str:
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             return "torchscript"
     return "state_dict"  # refined to "badencoder" by the key layout once loaded
-
-
-def _read_weights(path: Path) -> dict:
-    from dede_rt.models.families.checkpoints import read_checkpoint
-
-    return read_checkpoint(path)
 
 
 def backbone_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -232,7 +227,7 @@ def load_encoder(
         except Exception as exc:
             raise UserError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0][:160]})") from None
     else:
-        weights_state, layout = backbone_state_dict(_read_weights(path))
+        weights_state, layout = backbone_state_dict(read_checkpoint(path))
         if format == "badencoder" and layout != "badencoder":
             raise UserError(f"{path}: no BadEncoder 'f.f.*' keys; this looks like a {layout} checkpoint")
         backbone = resnet_from_weights(weights_state)

@@ -219,6 +219,9 @@ def eval_command(
                                                   "(both; default: DRUPEConfig's 0.1)."),
     decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
     decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
+    decoder_batch: int = typer.Option(128, help="Decoder training batch size (dede-rt train --epochs auto: 64)."),
+    decoder_lr_schedule: str = typer.Option("constant", help="Decoder LR schedule: constant or cosine (one warm-up "
+                                            "epoch, cosine decay; dede-rt train's default with --epochs auto)."),
     train_precision: str = typer.Option("fp32", help="Decoder training precision: fp32 or bf16 (bfloat16 autocast, "
                                         "~1.8x faster on CPUs with AVX512-BF16/AMX)."),
     patch_size: int = typer.Option(4, help="Decoder patch size; must leave no patch visible at test time "
@@ -264,7 +267,8 @@ def eval_command(
                             ctrl_magnitude=ctrl_magnitude, target=target, drupe=_drupe_overrides(drupe_stealth)),
         decoder={"dim": decoder_dim, "heads": decoder_heads, "encoder_depth": encoder_depth,
                  "decoder_depth": decoder_depth, "patch_size": patch_size},
-        decoder_epochs=decoder_epochs, decoder_precision=train_precision, seeds=seed_list,
+        decoder_epochs=decoder_epochs, decoder_batch=decoder_batch, decoder_lr_schedule=decoder_lr_schedule,
+        decoder_precision=train_precision, seeds=seed_list,
         regimes=None if regimes is None else tuple(r.strip() for r in regimes.split(",") if r.strip()),
         poison_rate=poison_rate, trim=trim, relative_k=relative_k, prototypes=prototypes, hard_images=hard_images,
         high_norm_share=high_norm_share, asset_epochs=asset_epochs, l2_variants=(False, True) if l2 else (False,),

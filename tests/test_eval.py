@@ -165,6 +165,60 @@ def test_eval_config_validates_on_construction(tmp_path):
             EvalConfig(**kwargs)
     with pytest.raises(UserError, match="--ctrl-magnitude > 0"):
         VictimConfig(ctrl_magnitude=0)
+    with pytest.raises(UserError, match="LR schedule"):
+        EvalConfig(decoder_lr_schedule="linear")
+
+
+def test_decoder_jobs_carry_the_lr_schedule_and_batch(demo_images):
+    from dede_rt.training import TrainConfig
+
+    cfg = EvalConfig(decoder_lr_schedule="cosine", decoder_batch=64)
+    train = TrainConfig(epochs=cfg.decoder_epochs, batch_size=cfg.decoder_batch, lr_schedule=cfg.decoder_lr_schedule)
+    assert (train.batch_size, train.lr_schedule) == (64, "cosine")
+    assert EvalConfig().decoder_lr_schedule == "constant"  # eval's own default stays the earlier tables'
+
+
+def test_combined_score_standardizes_each_kind_on_the_held_out_split():
+    from dede_rt.research.evaluation.scores import combined_scores
+
+    rng = np.random.default_rng(0)
+    summed = {"hold": rng.normal(1000, 100, 200), "test": rng.normal(1000, 100, 50), "trig": np.full(5, 1300.0)}
+    relative = {"hold": rng.normal(0, 2, 200), "test": rng.normal(0, 2, 50), "trig": np.full(5, 0.0)}
+    got = combined_scores(summed, relative)
+    assert abs(got["hold"].mean()) < 1e-5 and got["hold"].std() == pytest.approx(np.sqrt(2 + 2 * np.corrcoef(
+        summed["hold"], relative["hold"])[0, 1]), rel=1e-4)
+    zs = (1300 - summed["hold"].mean()) / summed["hold"].std()
+    zr = (0 - relative["hold"].mean()) / relative["hold"].std()
+    assert got["trig"] == pytest.approx(np.full(5, zs + zr), rel=1e-5)  # ~3 + ~0: neither scale swamps the other
+
+
+def _agg(encoder, attack, trigger, method, auroc, tpr, view="raw"):
+    return {"encoder": encoder, "attack": attack, "trigger": trigger, "view": view, "method": method, "regime": "id",
+            "n": 3, "auroc": auroc, "auroc_std": 0.01, "tpr_at_threshold": tpr}
+
+
+def test_score_choice_rule_on_constructed_rows():
+    from dede_rt.research.evaluation.report import score_choice
+
+    rows = [{"encoder": e, "attack": a, "trigger": t, "view": "raw", "method": "probe", "regime": "-", "asr": asr}
+            for e, a, t, asr in (("be_sq", "badencoder", "sq", 1.0), ("be_bl", "badencoder", "bl", 1.0),
+                                 ("fail", "drupe", "bl", 0.3), ("clean", "clean", "sq", 0.0), ("clean", "clean", "bl", 0.0))]
+    rows += [_agg("be_sq", "badencoder", "sq", "dede", 0.99, 0.90), _agg("be_sq", "badencoder", "sq", "dede_relative", 0.98, 0.80),
+             _agg("be_bl", "badencoder", "bl", "dede", 0.86, 0.30), _agg("be_bl", "badencoder", "bl", "dede_relative", 0.98, 0.70),
+             _agg("clean", "clean", "sq", "dede", 0.92, 0.40), _agg("clean", "clean", "sq", "dede_relative", 0.58, 0.05),
+             _agg("clean", "clean", "bl", "dede", 0.55, 0.02), _agg("clean", "clean", "bl", "dede_relative", 0.75, 0.10),
+             # a failed attack is no victim: its numbers must not count
+             _agg("fail", "drupe", "bl", "dede", 0.99, 0.99), _agg("fail", "drupe", "bl", "dede_relative", 0.10, 0.0)]
+    got = score_choice(rows)
+    assert got["summary"]["summed"]["victims"] == 2  # the failed attack left out
+    # summed: margins 0.50, 0.28 -> 0.39; worst shortfall 0.12 on the blend (> 0.02): not eligible
+    assert got["summary"]["summed"]["mean_tpr_margin"] == pytest.approx(0.39)
+    assert not got["summary"]["summed"]["eligible"]
+    # relative: margins 0.75, 0.60 -> 0.675; shortfall 0.01 on the square: eligible, chosen
+    assert got["summary"]["relative"]["mean_tpr_margin"] == pytest.approx(0.675)
+    assert got["summary"]["relative"]["eligible"] and got["chosen"] == "relative"
+    # without a control there is nothing to choose by
+    assert score_choice([r for r in rows if r["attack"] != "clean"]) == {}
 
 
 def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
@@ -197,6 +251,10 @@ def test_run_eval_writes_paper_shaped_table(tmp_path, demo_images):
     assert "DeDe trimmed (ID)" in md and "worst 25% of patches" in md
     relative = [r for r in saved["records"] if r["method"] == "dede_relative"]  # every regime and view
     assert sorted(map(key, relative)) == sorted(map(key, dede))
+    combined = [r for r in saved["records"] if r["method"] == "dede_combined"]  # and the standardized sum of both
+    assert sorted(map(key, combined)) == sorted(map(key, dede)) and "DeDe combined (ID)" in md
+    # these 1-epoch attacks fail (ASR < 0.8): no victim to choose a score kind by, and the table says so
+    assert "Score kinds: no working victim" in md and saved["score_choice"] == {}
     assert "DeDe relative (ID)" in md and "DeDe relative (OOD)" in md and "best-fitting of 256" in md
     asset = [r for r in saved["records"] if r["method"] == "asset"]  # one per (encoder, trigger), raw view
     assert sorted((r["encoder"], r["trigger"]) for r in asset) == [

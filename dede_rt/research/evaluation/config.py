@@ -35,6 +35,7 @@ class EvalConfig:
     decoder_epochs: int = 40
     decoder_batch: int = 128
     decoder_lr: float = 1e-3
+    decoder_lr_schedule: str = "constant"  # or "cosine" (warm-up + cosine decay: ``dede-rt train``'s default)
     decoder_precision: str = "fp32"  # "bf16": decoders train under bfloat16 autocast (TrainConfig.precision)
     train_mask_ratio: float = 0.9
     poison_rate: float = 0.0  # share of the ID training split carrying the row's trigger (reference: 0.1)
@@ -118,7 +119,8 @@ class EvalConfig:
         if not 0.0 <= self.poison_rate < 1.0:
             raise UserError(f"--poison-rate must be in [0, 1), got {self.poison_rate}")
         # TrainConfig's own checks, before any victim is built
-        TrainConfig(high_norm_share=self.high_norm_share, precision=self.decoder_precision)
+        TrainConfig(epochs=self.decoder_epochs, batch_size=self.decoder_batch, high_norm_share=self.high_norm_share,
+                    precision=self.decoder_precision, lr_schedule=self.decoder_lr_schedule)
         if self.asset_epochs < 0 or not 0.0 < self.asset_poison_rate < 1.0:
             raise UserError(f"ASSET needs --asset-epochs >= 0 and a poison rate in (0, 1), got {self.asset_epochs} "
                             f"and {self.asset_poison_rate}")

@@ -298,7 +298,8 @@ def _decoder_jobs(config: EvalConfig, sets: EvalSets, run: EncoderRun) -> list[D
                         eval_emb["test_nontarget"] = emb["test"][sets.nontarget][: config.recon_examples]
                     train = TrainConfig(epochs=config.decoder_epochs, batch_size=config.decoder_batch,
                                         lr=config.decoder_lr, mask_ratio=config.train_mask_ratio, seed=seed,
-                                        high_norm_share=config.high_norm_share, precision=config.decoder_precision)
+                                        high_norm_share=config.high_norm_share, precision=config.decoder_precision,
+                                        lr_schedule=config.decoder_lr_schedule)
                     jobs.append(DecoderJob(
                         encoder=v.name, attack=v.attack, view=view, regime=regime, seed=seed, triggers=group,
                         decoder_config=dconf, train=train, train_images=run.train_images[key][train_idx],

@@ -12,7 +12,8 @@ ATTACK_NAMES = {"clean": "control: clean encoder", "badencoder": "BadEncoder", "
 TRIGGER_NAMES = {"white_square": "white square", "blend": "noise blend", "faint_blend": "faint noise blend (0.1)",
                  "logo_blend": "logo blend", "ctrl": "frequency"}
 METHOD_COLUMNS = (("dede", "id", "DeDe (ID)"), ("dede_trimmed", "id", "DeDe trimmed (ID)"),
-                  ("dede_relative", "id", "DeDe relative (ID)"), ("dede", "ood", "DeDe (OOD)"),
+                  ("dede_relative", "id", "DeDe relative (ID)"), ("dede_combined", "id", "DeDe combined (ID)"),
+                  ("dede", "ood", "DeDe (OOD)"),
                   ("dede_relative", "ood", "DeDe relative (OOD)"),
                   ("embedding_norm", "-", "Emb. norm"), ("asset", "id", "ASSET (simplified)"),
                   ("knn", "id", "kNN dist. (ID ref)"), ("knn", "ood", "kNN dist. (OOD ref)"))
@@ -90,6 +91,94 @@ def hard_table(results: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
+SCORE_KINDS = (("dede", "summed"), ("dede_relative", "relative"), ("dede_combined", "combined"))
+AUROC_TOLERANCE = 0.02  # the rule: a kind may lose at most this much AUROC on any victim against the best kind
+
+
+def score_choice(rows: list[dict], regime: str = "id") -> dict:
+    """Which score kind the rule picks from aggregated rows: per kind and victim (encoder, trigger, view) the AUROC,
+    the TPR at the calibrated threshold and both margins over the clean-encoder control of the same trigger/view.
+
+    The rule: the highest mean TPR margin over the control (what a user gains at the threshold they deploy), among
+    the kinds that are within ``AUROC_TOLERANCE`` of the best kind's AUROC on every victim. Failed attacks
+    (ASR < 0.8) are not victims here. Empty when the run has no control or fewer than two kinds.
+    """
+    index = {(r["encoder"], r["trigger"], r["view"], r["method"]): r for r in rows if r["regime"] == regime}
+    probes = {(r["encoder"], r["trigger"]): r for r in rows if r["method"] == "probe"}
+    kinds = [(m, k) for m, k in SCORE_KINDS if any(key[3] == m for key in index)]
+    controls = {(key[1], key[2]): key[0] for key, r in index.items() if r["attack"] == "clean"}
+    victims = sorted({key[:3] for key, r in index.items() if r["attack"] != "clean" and (key[1], key[2]) in controls
+                      and probes.get(key[:2], {}).get("asr", 1.0) >= 0.8 and key[3] in dict(kinds)})
+    if len(kinds) < 2 or not victims:
+        return {}
+    table: dict[str, list[dict]] = {k: [] for _, k in kinds}
+    for enc, trig, view in victims:
+        control = controls[(trig, view)]
+        for m, k in kinds:
+            v, c = index.get((enc, trig, view, m)), index.get((control, trig, view, m))
+            if v is None or c is None:
+                continue
+            table[k].append({"encoder": enc, "trigger": trig, "view": view, "auroc": v["auroc"],
+                             "auroc_std": v.get("auroc_std", 0.0), "tpr": v["tpr_at_threshold"],
+                             "control_auroc": c["auroc"], "control_tpr": c["tpr_at_threshold"],
+                             "auroc_margin": v["auroc"] - c["auroc"], "tpr_margin": v["tpr_at_threshold"] - c["tpr_at_threshold"],
+                             "hard_auroc": v.get("hard_auroc"), "hard_fpr": v.get("hard_fpr")})
+    best = {key: max(e["auroc"] for k in table for e in table[k] if (e["encoder"], e["trigger"], e["view"]) == key)
+            for key in victims}
+    summary = {}
+    for k, entries in table.items():
+        worst = max(best[(e["encoder"], e["trigger"], e["view"])] - e["auroc"] for e in entries)
+        summary[k] = {"mean_tpr_margin": float(np.mean([e["tpr_margin"] for e in entries])),
+                      "mean_auroc_margin": float(np.mean([e["auroc_margin"] for e in entries])),
+                      "worst_auroc_shortfall": float(worst), "eligible": bool(worst <= AUROC_TOLERANCE),
+                      "victims": len(entries)}
+    eligible = [k for k in summary if summary[k]["eligible"]] or list(summary)
+    chosen = max(eligible, key=lambda k: summary[k]["mean_tpr_margin"])
+    return {"rule": f"highest mean TPR margin over the control at the calibrated threshold, among kinds within "
+                    f"{AUROC_TOLERANCE} AUROC of the best kind on every victim", "chosen": chosen,
+            "summary": summary, "table": table}
+
+
+def score_choice_table(results: dict, rows: list[dict]) -> list[str]:
+    """Markdown lines comparing the score kinds victim by victim, and the rule's choice (none without a control)."""
+    choice = score_choice(rows)
+    if not choice:
+        if any(r["method"] == "dede_relative" for r in rows):
+            return ["", "Score kinds: no working victim (ASR >= 0.8) with a clean-encoder control in this run, so no "
+                    "kind is chosen."]
+        return []
+    kinds = list(choice["table"])
+    fpr = results["config"]["fpr"]
+    lines = ["", f"### Score kinds (ID decoders): AUROC / TPR at the calibrated {fpr:g}-FPR threshold / TPR margin "
+             "over the clean-encoder control", "",
+             "Same decoders for every kind. summed = the paper's error; relative = minus the best-fitting clean "
+             "prototypes' error; combined = z(summed) + z(relative), each z-scored on the clean held-out split. "
+             f"Rule: {choice['rule']}.", "",
+             "| victim | trigger | embeddings | " + " | ".join(kinds) + " |", "|" + "---|" * (3 + len(kinds))]
+    by_victim: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for k, entries in choice["table"].items():
+        for e in entries:
+            by_victim[(e["encoder"], e["trigger"], e["view"])][k] = e
+    attacks = {r["encoder"]: r["attack"] for r in rows}
+    for (enc, trig, view), per in by_victim.items():
+        cells = [f"{e['auroc']:.3f}±{e['auroc_std']:.3f} / {e['tpr']:.2f} / {e['tpr_margin']:+.2f}"
+                 if (e := per.get(k)) else "–" for k in kinds]
+        lines.append(f"| {_victim_label(enc, attacks[enc], trig)} | {TRIGGER_NAMES.get(trig, trig)} | {view} | "
+                     + " | ".join(cells) + " |")
+    controls = {(e["trigger"], e["view"]): {k: next(x for x in choice["table"][k]
+                                                    if (x["trigger"], x["view"]) == (e["trigger"], e["view"]))
+                                            for k in kinds} for e in choice["table"][kinds[0]]}
+    for (trig, view), per in controls.items():
+        lines.append(f"| control: clean encoder | {TRIGGER_NAMES.get(trig, trig)} | {view} | "
+                     + " | ".join(f"{per[k]['control_auroc']:.3f} / {per[k]['control_tpr']:.2f} / –" for k in kinds)
+                     + " |")
+    lines.append("| **mean TPR margin / worst AUROC shortfall** | | | " + " | ".join(
+        f"{choice['summary'][k]['mean_tpr_margin']:+.3f} / {choice['summary'][k]['worst_auroc_shortfall']:.3f}"
+        for k in kinds) + " |")
+    lines += ["", f"Chosen by the rule: **{choice['chosen']}**."]
+    return lines
+
+
 def _row_order(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     keys = sorted({(r["encoder"], r["attack"], r["trigger"], r["view"]) for r in rows if r["method"] != "probe"},
                   key=lambda k: (k[1] == "clean", k[0], k[2], k[3] != "raw"))
@@ -161,6 +250,7 @@ def markdown_table(results: dict) -> str:
         cells = [_cell(index.get((encoder, trigger, view, m, g))) for m, g, _ in METHOD_COLUMNS]
         lines.append(f"| {name} | {TRIGGER_NAMES.get(trigger, trigger)} | {view} | {asr} | " + " | ".join(cells)
                      + f" | {decree} |")
+    lines += score_choice_table(results, rows)
     lines += hard_table(results, rows)
     lines += ["", f"### Downstream: linear probe BA/ASR before and after removing flagged samples (DeDe, raw "
               f"embeddings, threshold at {cfg['fpr']:g} FPR calibrated on clean held-out data of the regime)", "",
@@ -291,6 +381,7 @@ def write_report(out: str | Path, results: dict, *, curves: dict, recon: dict) -
     """Write results.json, results.md and the PNGs into ``out``; returns the paths."""
     out = Path(out)
     results["summary"] = aggregate(results["records"])
+    results["score_choice"] = score_choice(results["summary"])
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     (out / "results.md").write_text(markdown_table(results))
     controls = tuple(v["name"] for v in results["victims"] if v["attack"] == "clean")

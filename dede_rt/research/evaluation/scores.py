@@ -19,14 +19,35 @@ def decoder_scores(decoder: DeDeDecoder, normalization: Normalization, *, images
                    embeddings: dict[str, np.ndarray], train_embeddings: np.ndarray, trim: float = 0.0,
                    relative_k: int = 0, prototypes: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Scores by method, then by set, of a trained decoder on cached embeddings: "dede", plus "dede_trimmed"
-    (``trim`` > 0) and "dede_relative" (``relative_k`` > 0, prototypes drawn from ``train_embeddings``)."""
+    (``trim`` > 0), "dede_relative" (``relative_k`` > 0, prototypes drawn from ``train_embeddings``) and, with
+    it, "dede_combined" (both standardized on the "hold" set, then summed; ``combined_scores``)."""
     relative = None
     if relative_k:  # the decoder's own training embeddings (clean unless poison_rate), never scored images
         pick = prototype_indices(len(train_embeddings), prototypes)
         relative = RelativeReference.from_embeddings(decoder, train_embeddings[pick], relative_k)
     by_set = {k: embedding_score_sets(decoder, normalization, images=images[k], embeddings=embeddings[k],
                                       trim=trim or None, relative=relative) for k in images}
-    return {m: {k: by_set[k][m] for k in by_set} for m in next(iter(by_set.values()))}
+    out = {m: {k: by_set[k][m] for k in by_set} for m in next(iter(by_set.values()))}
+    if relative is not None and "hold" in out["dede"]:
+        out["dede_combined"] = combined_scores(out["dede"], out["dede_relative"])
+    return out
+
+
+def combined_scores(summed: dict[str, np.ndarray], relative: dict[str, np.ndarray],
+                    calibration: str = "hold") -> dict[str, np.ndarray]:
+    """Per set: z(summed) + z(relative), each z-scored with the mean and std of its clean ``calibration`` set.
+
+    Standardizing puts the two errors on one scale (the relative score's spread is far smaller: most of the
+    image-complexity spread cancels), so neither swamps the other; both constants come from clean held-out
+    images only, like the threshold.
+    """
+    def z(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ref = scores[calibration].astype(np.float64)
+        mean, std = ref.mean(), max(ref.std(), 1e-12)
+        return {k: (v.astype(np.float64) - mean) / std for k, v in scores.items()}
+
+    zs, zr = z(summed), z(relative)
+    return {k: (zs[k] + zr[k]).astype(np.float32) for k in summed}
 
 
 @torch.no_grad()

@@ -93,9 +93,10 @@ class SummedError(ScoreKind):
 class RelativeError(ScoreKind):
     """Summed error minus the mean error of the ``k`` best-fitting prototype reconstructions.
 
-    ``exact`` (eager scoring): the prototype errors in float64 (``sse.prototype_sse``). Exported graphs use
-    ``exact=False``: float32 ``||x||² - 2x·r + ||r||²`` with the prototypes as one constant [T*P, K] matrix
-    (MatMul + TopK, which every backend runs; TensorRT has no float64). Both are checked against each other.
+    ``exact``: the prototype errors in float64 (``sse.prototype_sse``), the reference form (tests, eval).
+    ``exact=False``, what detectors run on every backend (torch too, ``Scorer.from_detector``): float32
+    ``||x||² - 2x·r + ||r||²`` with the prototypes as one constant [T*P, K] matrix (MatMul + TopK, which every
+    backend runs; TensorRT has no float64). Both are checked against each other.
     """
 
     name = "relative"

@@ -103,11 +103,12 @@ def train(
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     qkv_bias: bool = typer.Option(False, help="Give the decoder's attention qkv a bias (the paper's decoder, timm "
                                   "Block(dim, heads), has none)."),
-    score: str = typer.Option("summed", help="summed (DeDe's summed error) or relative (minus the error of "
+    score: str = typer.Option("summed", help="summed (DeDe's summed error), relative (minus the error of "
                               "the best-fitting clean prototype reconstructions: a pasted patch no embedding redraws "
-                              "cancels)."),
-    relative_k: int = typer.Option(32, help="relative score: how many best-fitting prototypes it averages."),
-    prototypes: int = typer.Option(256, help="relative score: clean training embeddings kept as prototypes."),
+                              "cancels) or combined (both, each standardized on the clean held-out images)."),
+    relative_k: int = typer.Option(32, help="relative/combined score: how many best-fitting prototypes it averages."),
+    prototypes: int = typer.Option(256, help="relative/combined score: clean training embeddings kept as "
+                                   "prototypes."),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),
     resume: bool = typer.Option(False, help="Resume from OUT/checkpoints if a run was interrupted."),
     quiet: bool = typer.Option(False, help="No progress output."),

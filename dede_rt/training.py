@@ -582,6 +582,17 @@ def encoder_normalization(info: dict, given: Normalization | dict | None = None)
     return replace(base, **given)
 
 
+def _standardized(detector: "Detector", hold_images: np.ndarray, progress: bool) -> "Detector":
+    """The relative-score ``detector`` turned combined: both kinds' scales fitted on the clean held-out images."""
+    from dataclasses import replace
+
+    from dede_rt.scoring import Standardization
+
+    relative = detector.score(hold_images, progress=progress)
+    summed = replace(detector, prototype_embeddings=None, relative_k=0).score(hold_images, progress=progress)
+    return replace(detector, standardization=Standardization.fit(summed, relative))
+
+
 def train_detector(
     encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None, *,
     normalization: Normalization | dict | None = None, decoder_config: dict | None = None,
@@ -595,9 +606,10 @@ def train_detector(
 ) -> "Detector":
     """Train a detector end to end: embed once, train the decoder, choose thresholds on clean held-out data, save.
 
-    ``score``: a registered score kind ("summed", "relative"; default: "relative" when ``relative_k`` > 0, else
-    "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
-    ``relative_k`` (default 32) that fit best. ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
+    ``score``: a registered score kind ("summed", "relative", "combined"; default: "relative" when ``relative_k``
+    > 0, else "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging
+    the ``relative_k`` (default 32) that fit best; the combined one adds both kinds, each standardized on the
+    held-out images (``scoring.Standardization``). ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
     ``encoder_path`` may be a family spec (``torchvision:resnet50`` with ``weights``); ``normalization`` a
     Normalization, or a dict of fields that override the encoder's own preprocessing (see
     ``encoder_normalization``).
@@ -606,11 +618,11 @@ def train_detector(
     from dede_rt.bundle.thresholds import thresholds_by_fpr
     from dede_rt.data.sources import load_images
 
-    from dede_rt.scoring import RELATIVE_K, kind_class
+    from dede_rt.scoring import PROTOTYPE_KINDS, RELATIVE_K, kind_class
 
     score = score or ("relative" if relative_k else "summed")
     kind_class(score)  # an unknown kind fails before any work
-    relative_k = (relative_k or RELATIVE_K) if score == "relative" else 0
+    relative_k = (relative_k or RELATIVE_K) if score in PROTOTYPE_KINDS else 0
     config = config or TrainConfig()
     probe_size = normalization.image_size if isinstance(normalization, Normalization) else \
         (normalization or {}).get("image_size") or 32
@@ -659,6 +671,8 @@ def train_detector(
                             "train_seconds": round(result.train_seconds, 3),
                             "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}},
         prototype_embeddings=proto, relative_k=relative_k)
+    if score == "combined":
+        detector = _standardized(detector, hold_images, progress)
     # Scored by the detector itself, so the thresholded score is the one it will serve (prototypes decoded once).
     detector.calibration_scores = detector.score(hold_images, progress=progress)
     detector.thresholds = thresholds_by_fpr(detector.calibration_scores, fprs)

@@ -21,7 +21,8 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import IntegrityError, UserError
 from dede_rt.models.decoder import DecoderConfig, DeDeDecoder
 from dede_rt.models.encoders import VictimEncoder, reload_encoder, sha256_path
-from dede_rt.scoring import MASK_SEED, TEST_MASK_RATIO, RelativeReference, Scorer, kind_class
+from dede_rt.scoring import (MASK_SEED, PROTOTYPE_KINDS, TEST_MASK_RATIO, RelativeReference, Scorer, Standardization,
+                             kind_class)
 
 
 @dataclass(kw_only=True)
@@ -42,6 +43,7 @@ class Detector:
     path: Path | None = None
     prototype_embeddings: np.ndarray | None = None  # set: the relative score against their reconstructions
     relative_k: int = 0
+    standardization: Standardization | None = None  # set (with prototypes): the combined score
 
     def __post_init__(self) -> None:
         check_embedding_width(self.encoder, self.decoder.config)
@@ -51,11 +53,16 @@ class Detector:
         if self.prototype_embeddings is not None and not 1 <= self.relative_k <= len(self.prototype_embeddings):
             raise UserError(f"the relative score averages k of {len(self.prototype_embeddings)} prototypes; "
                             f"got k = {self.relative_k}")
+        if self.standardization is not None and self.prototype_embeddings is None:
+            raise UserError("the combined score needs prototype embeddings as well as its standardization")
 
     @property
     def score_kind(self) -> str:
-        """The registered score kind the detector serves: 'relative' with prototypes, else 'summed'."""
-        return "summed" if self.prototype_embeddings is None else "relative"
+        """The registered score kind the detector serves: 'combined' with prototypes and a standardization,
+        'relative' with prototypes alone, else 'summed'."""
+        if self.prototype_embeddings is None:
+            return "summed"
+        return "relative" if self.standardization is None else "combined"
 
     @property
     def relative(self) -> RelativeReference | None:
@@ -94,9 +101,10 @@ class Detector:
     def manifest(self, deployment: DeploymentRecord | None = None) -> Manifest:
         """The typed manifest of this detector (with ``deployment``, by default an empty record)."""
         kind = self.score_kind
-        score = ScoreSpec(kind, self.relative_k if kind == "relative" else 0,
+        score = ScoreSpec(kind, self.relative_k if kind in PROTOTYPE_KINDS else 0,
                           0 if self.prototype_embeddings is None else int(len(self.prototype_embeddings)),
-                          kind_class(kind).description)
+                          kind_class(kind).description,
+                          None if self.standardization is None else self.standardization.to_dict())
         return Manifest(encoder=dict(self.encoder_info), normalization=self.normalization.to_dict(),
                         decoder=self.decoder.config.to_dict(),
                         mask=MaskSpec(self.train_mask_ratio, self.test_mask_ratio, self.mask_seed), score=score,
@@ -154,13 +162,24 @@ class Detector:
                    default_fpr=manifest.thresholds.default_fpr, test_mask_ratio=manifest.mask.test_ratio,
                    train_mask_ratio=manifest.mask.train_ratio, mask_seed=manifest.mask.test_seed,
                    sections=dict(manifest.sections), path=directory,
-                   prototype_embeddings=_prototypes(directory, manifest), relative_k=manifest.score.relative_k)
+                   prototype_embeddings=_prototypes(directory, manifest), relative_k=manifest.score.relative_k,
+                   standardization=_standardization(directory, manifest))
+
+
+def _standardization(directory: Path, manifest: Manifest) -> Standardization | None:
+    """The combined score's scales (None for other kinds)."""
+    if manifest.score.kind != "combined":
+        return None
+    try:
+        return Standardization.from_dict(manifest.score.standardization or {})
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{directory}: combined-score detector without a complete score.standardization") from None
 
 
 def _prototypes(directory: Path, manifest: Manifest) -> np.ndarray | None:
     """The relative score's clean reference embeddings [K, D] (None for other kinds)."""
     kind_class(manifest.score.kind)  # an unknown kind is a one-line error here, not at scoring time
-    if manifest.score.kind != "relative":
+    if manifest.score.kind not in PROTOTYPE_KINDS:
         return None
     path = directory / PROTOTYPES_FILE
     if not path.is_file():

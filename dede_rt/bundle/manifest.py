@@ -15,7 +15,7 @@ export and saved after it no longer erases what the export recorded.
 
 Schema history: 1 = the first round's layout (score kind inside ``mask``,
 called "reference"; decoders always had a qkv bias). 2 = a ``score`` section
-(kinds "summed", "relative"), ``decoder.qkv_bias`` explicit, ``schema`` key.
+(kinds "summed", "relative", later "combined" with its ``standardization``), ``decoder.qkv_bias`` explicit, ``schema`` key.
 Bundles of schema 1 are migrated on read and score exactly as before.
 """
 
@@ -148,12 +148,15 @@ class ScoreSpec:
     relative_k: int = 0
     prototypes: int = 0
     description: str = ""
+    standardization: dict | None = None  # the combined kind's scales (scoring.Standardization.to_dict)
 
     def to_dict(self) -> dict:
-        """Plain-JSON form (relative parameters only for the relative kind)."""
+        """Plain-JSON form (prototype parameters only for the kinds that use prototypes)."""
         out: dict[str, Any] = {"kind": self.kind, "description": self.description}
-        if self.kind == "relative":
+        if self.kind in ("relative", "combined"):
             out.update(relative_k=self.relative_k, prototypes=self.prototypes)
+        if self.kind == "combined":
+            out["standardization"] = dict(self.standardization or {})
         return out
 
 
@@ -217,7 +220,7 @@ class Manifest:
                 encoder=dict(data["encoder"]), normalization=dict(data["normalization"]), decoder=dict(data["decoder"]),
                 mask=MaskSpec(float(mask["train_ratio"]), float(mask["test_ratio"]), int(mask["test_seed"])),
                 score=ScoreSpec(score["kind"], int(score.get("relative_k", 0)), int(score.get("prototypes", 0)),
-                                score.get("description", "")),
+                                score.get("description", ""), score.get("standardization")),
                 thresholds=ThresholdSpec({k: float(v) for k, v in thr.get("by_fpr", {}).items()},
                                          float(thr.get("default_fpr", DEFAULT_FPR)),
                                          int(thr.get("calibration_images", 0))),
@@ -306,8 +309,10 @@ def fingerprint(bundle: str | Path, manifest: Manifest | None = None) -> dict:
     return {"decoder_sha256": sha256_file(weights) if weights.is_file() else None,
             "encoder_sha256": manifest.encoder.get("sha256"),
             "test_mask_ratio": manifest.mask.test_ratio, "mask_seed": manifest.mask.test_seed,
+            "score_kind": manifest.score.kind,
             **({"prototypes_sha256": sha256_file(prototypes), "relative_k": manifest.score.relative_k}
-               if manifest.score.kind == "relative" and prototypes.is_file() else {})}
+               if manifest.score.kind in ("relative", "combined") and prototypes.is_file() else {}),
+            **({"standardization": manifest.score.standardization} if manifest.score.kind == "combined" else {})}
 
 
 def stale_exports(bundle: str | Path, manifest: Manifest | None = None) -> str | None:

@@ -143,7 +143,77 @@ class RelativeError(ScoreKind):
         return own_sse - (nearest + x.square().sum(dim=1))
 
 
-SCORE_KINDS: dict[str, type[ScoreKind]] = {k.name: k for k in (SummedError, RelativeError)}
+@dataclass(frozen=True)
+class Standardization:
+    """Mean and std of the summed and of the relative score on clean held-out images: the combined score's scales."""
+
+    summed_mean: float
+    summed_std: float
+    relative_mean: float
+    relative_std: float
+
+    @classmethod
+    def fit(cls, summed: np.ndarray, relative: np.ndarray) -> Standardization:
+        """The scales of clean held-out scores of both kinds (float64 moments; a zero spread counts as 1e-12)."""
+        s, r = np.asarray(summed, np.float64), np.asarray(relative, np.float64)
+        return cls(float(s.mean()), max(float(s.std()), 1e-12), float(r.mean()), max(float(r.std()), 1e-12))
+
+    def combine(self, summed: np.ndarray, relative: np.ndarray) -> np.ndarray:
+        """z(summed) + z(relative) (float32) for arrays of both kinds' scores."""
+        s, r = np.asarray(summed, np.float64), np.asarray(relative, np.float64)
+        return ((s - self.summed_mean) / self.summed_std + (r - self.relative_mean) / self.relative_std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form."""
+        return {"summed_mean": self.summed_mean, "summed_std": self.summed_std, "relative_mean": self.relative_mean,
+                "relative_std": self.relative_std}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Standardization:
+        """From ``to_dict``'s form."""
+        return cls(float(data["summed_mean"]), float(data["summed_std"]), float(data["relative_mean"]),
+                   float(data["relative_std"]))
+
+
+class CombinedError(ScoreKind):
+    """z(summed) + z(relative): both kinds standardized on clean held-out images, then added.
+
+    The summed error is strong on pasted patches a backdoored embedding does not redraw, and weak on blends and
+    on images no embedding redraws (its control); the relative score is the reverse. On one scale (their clean
+    spreads differ ~10x) neither swamps the other. The constants are the detector's ``Standardization``.
+    """
+
+    name = "combined"
+    description = ("z(summed) + z(relative): the summed error and the relative score, each standardized with its "
+                   "mean and std on the clean held-out images, added")
+
+    def __init__(self, reference: RelativeReference, masked: torch.Tensor, standardization: Standardization,
+                 exact: bool = True) -> None:
+        super().__init__()
+        self.relative = RelativeError(reference, masked, exact)
+        s = standardization
+        self.register_buffer("center", torch.tensor([s.summed_mean, s.relative_mean], dtype=torch.float32))
+        self.register_buffer("inv_scale", torch.tensor([1.0 / s.summed_std, 1.0 / s.relative_std], dtype=torch.float32))
+
+    @classmethod
+    def for_detector(cls, detector: Detector, masked: torch.Tensor, exact: bool = True) -> CombinedError:
+        """The detector's prototypes (as the relative kind) and its standardization."""
+        from dede_rt.errors import UserError
+
+        if detector.relative is None:
+            raise UserError("a combined-score detector needs its prototype embeddings (prototypes.npy)")
+        if detector.standardization is None:
+            raise UserError("a combined-score detector needs its standardization (manifest score section)")
+        return cls(detector.relative, masked, detector.standardization, exact)
+
+    def forward(self, own_sse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """z(own summed error) + z(relative score)."""
+        relative = self.relative(own_sse, target)
+        return (own_sse - self.center[0]) * self.inv_scale[0] + (relative - self.center[1]) * self.inv_scale[1]
+
+
+SCORE_KINDS: dict[str, type[ScoreKind]] = {k.name: k for k in (SummedError, RelativeError, CombinedError)}
+PROTOTYPE_KINDS = ("relative", "combined")  # the kinds whose bundles keep prototype embeddings
 
 
 def kind_class(name: str) -> type[ScoreKind]:

@@ -11,7 +11,7 @@ import torch
 
 from dede_rt.data.transforms import Normalization
 from dede_rt.models.decoder import DeDeDecoder, patchify_images, unpatchify
-from dede_rt.scoring import (TEST_MASK_RATIO, RelativeError, RelativeReference, TestMask, masked_sse,
+from dede_rt.scoring import (TEST_MASK_RATIO, RelativeError, RelativeReference, Standardization, TestMask, masked_sse,
                              prototype_indices, trimmed_sse)
 
 
@@ -41,13 +41,8 @@ def combined_scores(summed: dict[str, np.ndarray], relative: dict[str, np.ndarra
     image-complexity spread cancels), so neither swamps the other; both constants come from clean held-out
     images only, like the threshold.
     """
-    def z(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ref = scores[calibration].astype(np.float64)
-        mean, std = ref.mean(), max(ref.std(), 1e-12)
-        return {k: (v.astype(np.float64) - mean) / std for k, v in scores.items()}
-
-    zs, zr = z(summed), z(relative)
-    return {k: (zs[k] + zr[k]).astype(np.float32) for k in summed}
+    scales = Standardization.fit(summed[calibration], relative[calibration])  # what a combined detector stores
+    return {k: scales.combine(summed[k], relative[k]) for k in summed}
 
 
 @torch.no_grad()

@@ -32,8 +32,12 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build(workdir: Path, log=print) -> tuple[dict[str, Path], np.ndarray]:
-    """The speed bundle and the graphs of every step (built once under ``workdir``)."""
+SMALL_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2}  # the demo's and eval's decoder
+
+
+def build(workdir: Path, log=print, decoder: dict | None = None) -> tuple[dict[str, Path], np.ndarray]:
+    """The speed bundle (``decoder``: its decoder shape, default the reference) and the graphs of every step
+    (built once under ``workdir``)."""
     import torch
 
     from dede_rt.bench import build_bench_bundle
@@ -48,7 +52,7 @@ def build(workdir: Path, log=print) -> tuple[dict[str, Path], np.ndarray]:
     bundle = workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
         log("building the speed bundle")
-        build_bench_bundle(bundle, calibration=clean[:512])
+        build_bench_bundle(bundle, calibration=clean[:512], decoder=decoder)
     det = load_detector(bundle)
     u8 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     paths = {"fp32 plain": workdir / "plain.onnx", "fp32 folded": workdir / "folded.onnx",
@@ -131,11 +135,13 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="comma-separated subset of the steps (default: all)")
     ap.add_argument("--name", default="decoder_speed")
     ap.add_argument("--no-spin", action="store_true", help="ORT worker threads sleep when idle (loaded machines)")
+    ap.add_argument("--small-decoder", action="store_true",
+                    help=f"the demo's / eval's decoder {SMALL_DECODER} instead of the reference 12/4-block one")
     args = ap.parse_args()
     from dede_rt.export.cut import cut_encoder
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    paths, clean = build(args.workdir)
+    paths, clean = build(args.workdir, decoder=SMALL_DECODER if args.small_decoder else None)
     if args.steps:
         paths = {k: v for k, v in paths.items() if k in args.steps.split(",")}
     graphs = {}
@@ -165,7 +171,9 @@ def main() -> None:
                      "ratio_cpu_time": float(np.median(det_cpu / enc_cpu)), **agree[name]})
     result = {"batch": args.batch, "threads": args.threads, "spinning": not args.no_spin, "rounds": args.rounds, "seconds": args.seconds,
               "load_average_start": load_start, "load_average_end": load_end, "cpu_count": os.cpu_count(),
-              "bundle": "random-init resnet18-cifar + reference 12/4-block decoder (bench speed bundle)", "rows": rows}
+              "bundle": "random-init resnet18-cifar + " + (f"small decoder {SMALL_DECODER}" if args.small_decoder else
+                                                          "reference 12/4-block decoder (bench speed bundle)"),
+              "rows": rows}
     lines = ["| step | detector img/s | encoder-alone img/s | ratio (median of rounds) | ratio, CPU time "
              "| max rel diff vs torch | Spearman vs torch |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

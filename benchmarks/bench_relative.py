@@ -1,8 +1,10 @@
-"""What the relative score costs: the same speed bundle scored with the reference and the relative score.
+"""What the relative and combined scores cost: the same speed bundle scored with the summed (reference), the
+relative and the combined score.
 
 Both bundles hold the same random-init weights (ResNet18-CIFAR victim + the
 reference 12/4-block decoder, seed 0); the relative one adds K = 256 prototype
-reconstructions and averages the k = 32 best-fitting (the product defaults).
+reconstructions and averages the k = 32 best-fitting (the product defaults); the
+combined one adds the standardized summed and relative scores (two constants each).
 Per backend x precision x batch size the two are timed alternately, round by
 round, and the JSON gives throughput for both and the ratio relative /
 reference measured in the same run.
@@ -36,10 +38,11 @@ def main() -> None:
     args = ap.parse_args()
     images = demo_dataset(photo_count=400).images
     bundles = {}
-    for kind, k in (("reference", 0), ("relative", RELATIVE_K)):
+    for kind, k in (("reference", 0), ("relative", RELATIVE_K), ("combined", RELATIVE_K)):
         path = args.workdir / f"bench-resnet18-{kind}"
         if not (path / "manifest.json").is_file():
-            build_bench_bundle(path, calibration=images[:512], relative_k=k, prototypes=PROTOTYPES)
+            build_bench_bundle(path, calibration=images[:512], relative_k=k, prototypes=PROTOTYPES,
+                               combined=kind == "combined")
         bundles[kind] = prepare_bundle(path, args.workdir, images, ("int8",))
     batches = tuple(int(b) for b in args.batch_sizes.split(","))
     samples: dict[tuple, list[float]] = {}
@@ -55,11 +58,13 @@ def main() -> None:
             continue
         ref = statistics.median(values)
         rel = statistics.median(samples[("relative", backend, precision, batch)])
+        com = statistics.median(samples[("combined", backend, precision, batch)])
         rows.append({"backend": backend, "precision": precision, "batch": batch,
                      "reference_images_per_s": round(ref, 1), "relative_images_per_s": round(rel, 1),
-                     "relative_over_reference": round(rel / ref, 3)})
+                     "relative_over_reference": round(rel / ref, 3), "combined_images_per_s": round(com, 1),
+                     "combined_over_reference": round(com / ref, 3)})
         print(f"{backend:12s} {precision:5s} batch {batch:4d}: reference {ref:8.1f} img/s, relative {rel:8.1f} img/s "
-              f"({rel / ref:.3f}x)")
+              f"({rel / ref:.3f}x), combined {com:8.1f} img/s ({com / ref:.3f}x)")
     args.out.write_text(json.dumps({"machine": machine(), "prototypes": PROTOTYPES, "k": RELATIVE_K,
                                     "rounds": args.rounds, "seconds": args.seconds, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -108,12 +108,13 @@ def _speed_encoder(model: str, out: Path) -> tuple[str, dict]:
 
 
 def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, calibration: np.ndarray | None = None,
-                       decoder: dict | None = None, relative_k: int = 0, prototypes: int = 256) -> Path:
+                       decoder: dict | None = None, relative_k: int = 0, prototypes: int = 256,
+                       combined: bool = False) -> Path:
     """A detector bundle with random-init weights (speed only): ``arch`` victim + reference 12/4-block decoder.
 
     ``arch``: a CIFAR ResNet name, or ``resnet50-224`` / ``clip-vit-b32-224`` (224 px, the family's own
     preprocessing, decoder patch 32). ``relative_k`` > 0: the relative score, against the embeddings of
-    ``prototypes`` of the calibration images.
+    ``prototypes`` of the calibration images; with ``combined`` the combined score, scaled on those images.
     """
     import torch
 
@@ -143,6 +144,13 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
     det = Detector(encoder=encoder, decoder=dec, normalization=norm, encoder_info=info, prototype_embeddings=proto,
                    relative_k=relative_k, sections={"bench": {"weights": "random init (speed benchmark only)",
                                                               "arch": arch, "decoder": dec.config.to_dict()}})
+    if combined and relative_k:
+        from dataclasses import replace
+
+        from dede_rt.scoring import Standardization
+
+        summed = replace(det, prototype_embeddings=None, relative_k=0).score(images)
+        det = replace(det, standardization=Standardization.fit(summed, det.score(images)))
     det.calibration_scores = det.score(images)
     det.thresholds = Thresholds.from_scores(det.calibration_scores).by_fpr
     det.save(out, embed_encoder=True)

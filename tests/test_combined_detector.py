@@ -103,3 +103,20 @@ def test_summed_and_relative_bundles_keep_their_kind(tiny_detector_dir):
     assert read_manifest(tiny_detector_dir).score.kind == "summed"
     assert fingerprint(tiny_detector_dir)["score_kind"] == "summed"
     assert load_detector(tiny_detector_dir).standardization is None
+
+
+def test_combined_detector_int8_keeps_the_score_tail_float(combined_bundle, demo_images, tmp_path):
+    import onnx
+
+    from dede_rt.calibration.pipeline import calibrate_detector
+    from dede_rt.calibration.quantize import score_tail
+
+    bundle = tmp_path / "det"
+    shutil.copytree(combined_bundle, bundle)
+    results = calibrate_detector(bundle, demo_images.images[256:576], count=128, warn=lambda _: None)
+    tail, ends = score_tail(onnx.load(str(bundle / "onnx" / "detector.onnx")))
+    assert len(ends) == 2 and set(ends) <= set(results["int8"]["conversion"]["excluded_nodes"])
+    # the standardization's Sub/Mul are part of the tail the FP16 graph keeps in FP32
+    ops = {n.name: n.op_type for n in onnx.load(str(bundle / "onnx" / "detector.onnx")).graph.node}
+    assert {"Sub", "Mul"} <= {ops[n] for n in tail}
+    assert set(tail) == set(results["fp16"]["conversion"]["float32_nodes"])

@@ -103,10 +103,13 @@ def train(
     encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
     qkv_bias: bool = typer.Option(False, help="Give the decoder's attention qkv a bias (the paper's decoder, timm "
                                   "Block(dim, heads), has none)."),
-    score: str = typer.Option("summed", help="summed (DeDe's summed error), relative (minus the error of "
-                              "the best-fitting clean prototype reconstructions: a pasted patch no embedding redraws "
-                              "cancels) or combined (both, each standardized on the clean held-out images)."),
-    relative_k: int = typer.Option(32, help="relative/combined score: how many best-fitting prototypes it averages."),
+    # "relative" = scoring.DEFAULT_SCORE (written out: the CLI does not import torch to show its help)
+    score: str = typer.Option("relative", help="relative (the error minus the error of the best-fitting clean "
+                              "prototype reconstructions: a pasted patch no embedding redraws cancels; the default, "
+                              "chosen in the README's 'Choosing the score'), summed (DeDe's summed error, the paper's "
+                              "score) or combined (both, each standardized on the clean held-out images)."),
+    relative_k: int = typer.Option(0, help="relative/combined score: how many best-fitting prototypes it averages "
+                                   "(0: 32, or all the prototypes when there are fewer)."),
     prototypes: int = typer.Option(256, help="relative/combined score: clean training embeddings kept as "
                                    "prototypes."),
     embed_encoder: bool = typer.Option(False, help="Copy the encoder file into the bundle."),

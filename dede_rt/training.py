@@ -606,10 +606,10 @@ def train_detector(
 ) -> "Detector":
     """Train a detector end to end: embed once, train the decoder, choose thresholds on clean held-out data, save.
 
-    ``score``: a registered score kind ("summed", "relative", "combined"; default: "relative" when ``relative_k``
-    > 0, else "summed"). The relative score compares against ``prototypes`` of the training embeddings, averaging
-    the ``relative_k`` (default 32) that fit best; the combined one adds both kinds, each standardized on the
-    held-out images (``scoring.Standardization``). ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
+    ``score``: a registered score kind ("summed", "relative", "combined"; default ``scoring.DEFAULT_SCORE``,
+    "relative"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
+    ``relative_k`` that fit best (default 32, at most the prototypes there are); the combined one adds both
+    kinds, each standardized on the held-out images (``scoring.Standardization``). ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
     ``encoder_path`` may be a family spec (``torchvision:resnet50`` with ``weights``); ``normalization`` a
     Normalization, or a dict of fields that override the encoder's own preprocessing (see
     ``encoder_normalization``).
@@ -618,11 +618,11 @@ def train_detector(
     from dede_rt.bundle.thresholds import thresholds_by_fpr
     from dede_rt.data.sources import load_images
 
-    from dede_rt.scoring import PROTOTYPE_KINDS, RELATIVE_K, kind_class
+    from dede_rt.scoring import DEFAULT_SCORE, PROTOTYPE_KINDS, RELATIVE_K, kind_class
 
-    score = score or ("relative" if relative_k else "summed")
+    score = score or DEFAULT_SCORE
     kind_class(score)  # an unknown kind fails before any work
-    relative_k = (relative_k or RELATIVE_K) if score in PROTOTYPE_KINDS else 0
+    k_given = relative_k
     config = config or TrainConfig()
     probe_size = normalization.image_size if isinstance(normalization, Normalization) else \
         (normalization or {}).get("image_size") or 32
@@ -637,6 +637,8 @@ def train_detector(
         train_images = images
         hold_images = threshold_data if isinstance(threshold_data, np.ndarray) else load_images(
             threshold_data, normalization.pixels).images
+    # k as given; by default 32, or all the prototypes a small training set has
+    relative_k = 0 if score not in PROTOTYPE_KINDS else (k_given or min(RELATIVE_K, prototypes, len(train_images)))
     if relative_k < 0 or (relative_k and relative_k > min(prototypes, len(train_images))):
         raise UserError(f"the relative score averages k of {min(prototypes, len(train_images))} prototypes (the "
                         f"--prototypes of the {len(train_images)} training images); got k = {relative_k}")

@@ -37,8 +37,10 @@ def tiny_detector_dir(tmp_path_factory: pytest.TempPathFactory, encoder_file: Pa
     from dede_rt.training import TrainConfig, train_detector
 
     out = tmp_path_factory.mktemp("detector") / "det"
+    # the summed score explicitly: most tests are about its paths (fused kernels, plugin, folded tail)
     train_detector(encoder_file, demo_images.images[:256], out, decoder_config=TINY_DECODER,
-                   config=TrainConfig(epochs=2, batch_size=64), holdout_fraction=0.25, progress=False)
+                   config=TrainConfig(epochs=2, batch_size=64), holdout_fraction=0.25, progress=False,
+                   score="summed")
     return out
 
 

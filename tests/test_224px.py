@@ -51,6 +51,7 @@ def resnet18_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(encoder: str, photos: Path, out: Path, patch: int, **kw) -> Path:
+    kw.setdefault("score", "summed")  # preprocessing and graph parity are the point here, not the score kind
     train_detector(encoder, photos, out, decoder_config={**DECODER, "patch_size": patch},
                    config=TrainConfig(epochs=1, batch_size=8), holdout_fraction=0.25, progress=False, **kw)
     return out

@@ -82,7 +82,9 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
     assert (out / "training_curve.png").stat().st_size > 1000
     report = run_cli("info", out).stdout  # the readable form: how it trained, its clean scores and thresholds
     assert "1 epochs (fixed schedule)" in report and "clean scores (n=30)" in report and "FPR 0.01" in report
-    assert info["score"]["kind"] == "summed" and info["decoder"]["qkv_bias"] is False
+    # the default score kind (scoring.DEFAULT_SCORE): relative, k = 32 of the 90 training images' prototypes
+    assert info["score"]["kind"] == "relative" and info["score"]["relative_k"] == 32
+    assert info["score"]["prototypes"] == 90 and info["decoder"]["qkv_bias"] is False
     # the relative score: prototypes from the 90 training images; the exported graph computes it too
     rel = tmp_path / "det_rel"
     proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", rel, "--epochs", 1, "--dim", 32,
@@ -94,3 +96,14 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
     proc = run_cli("export", rel)
     assert proc.returncode == 0, proc.stderr
     assert (rel / "onnx" / "detector.onnx").is_file()
+
+
+def test_train_default_score_is_the_library_default():
+    """The CLI writes the default kind out (no torch import for --help): it must be scoring.DEFAULT_SCORE."""
+    import inspect
+
+    from dede_rt import cli
+    from dede_rt.scoring import DEFAULT_SCORE
+
+    option = inspect.signature(cli.train).parameters["score"].default
+    assert option.default == DEFAULT_SCORE == "relative"

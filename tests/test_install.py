@@ -272,5 +272,7 @@ def test_wheel_in_a_fresh_venv_trains_exports_and_scans(built_wheel, scratch):
     assert proc.returncode in (0, 1), proc.stderr
     torch_scores, ort_scores = _scores(work / "torch.csv"), _scores(work / "ort.csv")
     assert torch_scores.keys() == ort_scores.keys() and len(torch_scores) == 40
+    # The default (relative) score is a difference of two float32 sums of ~5e3 (this 1-epoch decoder's errors):
+    # torch and ORT round them differently by ~1e-3 absolute, so the tolerance has an absolute part too.
     for path, score in torch_scores.items():
-        assert abs(ort_scores[path] - score) <= 1e-3 * abs(score), (path, score, ort_scores[path])
+        assert abs(ort_scores[path] - score) <= 1e-3 * abs(score) + 1e-2, (path, score, ort_scores[path])

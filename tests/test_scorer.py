@@ -46,7 +46,7 @@ def test_score_does_not_depend_on_the_batch(detector, demo_images) -> None:
 
 
 def test_registry_and_export_form_of_the_relative_kind(detector, demo_images) -> None:
-    assert set(SCORE_KINDS) == {"summed", "relative"}
+    assert set(SCORE_KINDS) == {"summed", "relative", "combined"}
     with pytest.raises(UserError, match="unknown score kind"):
         kind_class("reference")
     z = torch.randn(8, detector.decoder.config.embed_dim, generator=torch.Generator().manual_seed(0))

@@ -214,6 +214,9 @@ class CombinedError(ScoreKind):
 
 SCORE_KINDS: dict[str, type[ScoreKind]] = {k.name: k for k in (SummedError, RelativeError, CombinedError)}
 PROTOTYPE_KINDS = ("relative", "combined")  # the kinds whose bundles keep prototype embeddings
+# What `dede-rt train` serves unless told otherwise: chosen by the rule of the README's "Choosing the score"
+# (research.evaluation.report.score_choice) on every working victim built here. Bundles keep their own kind.
+DEFAULT_SCORE = "relative"
 
 
 def kind_class(name: str) -> type[ScoreKind]:

@@ -100,7 +100,8 @@ def score_choice(rows: list[dict], regime: str = "id") -> dict:
     the TPR at the calibrated threshold and both margins over the clean-encoder control of the same trigger/view.
 
     The rule: the highest mean TPR margin over the control (what a user gains at the threshold they deploy), among
-    the kinds that are within ``AUROC_TOLERANCE`` of the best kind's AUROC on every victim. Failed attacks
+    the kinds that are within ``AUROC_TOLERANCE`` of the best kind's AUROC on every victim (among all kinds when
+    none is: the tolerance then only says that every kind loses somewhere). Failed attacks
     (ASR < 0.8) are not victims here. Empty when the run has no control or fewer than two kinds.
     """
     index = {(r["encoder"], r["trigger"], r["view"], r["method"]): r for r in rows if r["regime"] == regime}
@@ -135,7 +136,8 @@ def score_choice(rows: list[dict], regime: str = "id") -> dict:
     eligible = [k for k in summary if summary[k]["eligible"]] or list(summary)
     chosen = max(eligible, key=lambda k: summary[k]["mean_tpr_margin"])
     return {"rule": f"highest mean TPR margin over the control at the calibrated threshold, among kinds within "
-                    f"{AUROC_TOLERANCE} AUROC of the best kind on every victim", "chosen": chosen,
+                    f"{AUROC_TOLERANCE} AUROC of the best kind on every victim (among all kinds when none is)",
+            "chosen": chosen,
             "summary": summary, "table": table}
 
 

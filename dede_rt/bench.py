@@ -145,12 +145,9 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
                    relative_k=relative_k, sections={"bench": {"weights": "random init (speed benchmark only)",
                                                               "arch": arch, "decoder": dec.config.to_dict()}})
     if combined and relative_k:
-        from dataclasses import replace
+        from dede_rt.training import standardized
 
-        from dede_rt.scoring import Standardization
-
-        summed = replace(det, prototype_embeddings=None, relative_k=0).score(images)
-        det = replace(det, standardization=Standardization.fit(summed, det.score(images)))
+        det = standardized(det, images)
     det.calibration_scores = det.score(images)
     det.thresholds = Thresholds.from_scores(det.calibration_scores).by_fpr
     det.save(out, embed_encoder=True)

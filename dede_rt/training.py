@@ -582,8 +582,8 @@ def encoder_normalization(info: dict, given: Normalization | dict | None = None)
     return replace(base, **given)
 
 
-def _standardized(detector: "Detector", hold_images: np.ndarray, progress: bool) -> "Detector":
-    """The relative-score ``detector`` turned combined: both kinds' scales fitted on the clean held-out images."""
+def standardized(detector: "Detector", hold_images: np.ndarray, progress: bool = False) -> "Detector":
+    """The relative-score ``detector`` turned combined: both kinds' scales fitted on clean ``hold_images``."""
     from dataclasses import replace
 
     from dede_rt.scoring import Standardization
@@ -609,7 +609,8 @@ def train_detector(
     ``score``: a registered score kind ("summed", "relative", "combined"; default ``scoring.DEFAULT_SCORE``,
     "relative"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
     ``relative_k`` that fit best (default 32, at most the prototypes there are); the combined one adds both
-    kinds, each standardized on the held-out images (``scoring.Standardization``). ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
+    kinds, each standardized on the held-out images (``scoring.Standardization``).
+    ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
     ``encoder_path`` may be a family spec (``torchvision:resnet50`` with ``weights``); ``normalization`` a
     Normalization, or a dict of fields that override the encoder's own preprocessing (see
     ``encoder_normalization``).
@@ -674,7 +675,7 @@ def train_detector(
                             "data": str(data) if not isinstance(data, np.ndarray) else "in-memory array"}},
         prototype_embeddings=proto, relative_k=relative_k)
     if score == "combined":
-        detector = _standardized(detector, hold_images, progress)
+        detector = standardized(detector, hold_images, progress)
     # Scored by the detector itself, so the thresholded score is the one it will serve (prototypes decoded once).
     detector.calibration_scores = detector.score(hold_images, progress=progress)
     detector.thresholds = thresholds_by_fpr(detector.calibration_scores, fprs)

@@ -91,7 +91,7 @@ def hard_table(results: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
-SCORE_KINDS = (("dede", "summed"), ("dede_relative", "relative"), ("dede_combined", "combined"))
+KIND_METHODS = (("dede", "summed"), ("dede_relative", "relative"), ("dede_combined", "combined"))  # eval column, kind
 AUROC_TOLERANCE = 0.02  # the rule: a kind may lose at most this much AUROC on any victim against the best kind
 
 
@@ -106,7 +106,7 @@ def score_choice(rows: list[dict], regime: str = "id") -> dict:
     """
     index = {(r["encoder"], r["trigger"], r["view"], r["method"]): r for r in rows if r["regime"] == regime}
     probes = {(r["encoder"], r["trigger"]): r for r in rows if r["method"] == "probe"}
-    kinds = [(m, k) for m, k in SCORE_KINDS if any(key[3] == m for key in index)]
+    kinds = [(m, k) for m, k in KIND_METHODS if any(key[3] == m for key in index)]
     controls = {(key[1], key[2]): key[0] for key, r in index.items() if r["attack"] == "clean"}
     victims = sorted({key[:3] for key, r in index.items() if r["attack"] != "clean" and (key[1], key[2]) in controls
                       and probes.get(key[:2], {}).get("asr", 1.0) >= 0.8 and key[3] in dict(kinds)})
@@ -167,13 +167,12 @@ def score_choice_table(results: dict, rows: list[dict]) -> list[str]:
                  if (e := per.get(k)) else "–" for k in kinds]
         lines.append(f"| {_victim_label(enc, attacks[enc], trig)} | {TRIGGER_NAMES.get(trig, trig)} | {view} | "
                      + " | ".join(cells) + " |")
-    controls = {(e["trigger"], e["view"]): {k: next(x for x in choice["table"][k]
-                                                    if (x["trigger"], x["view"]) == (e["trigger"], e["view"]))
-                                            for k in kinds} for e in choice["table"][kinds[0]]}
+    controls: dict[tuple, dict[str, dict]] = {}  # every victim entry carries its control's numbers: take the first
+    for (_, trig, view), per in by_victim.items():
+        controls.setdefault((trig, view), per)
     for (trig, view), per in controls.items():
-        lines.append(f"| control: clean encoder | {TRIGGER_NAMES.get(trig, trig)} | {view} | "
-                     + " | ".join(f"{per[k]['control_auroc']:.3f} / {per[k]['control_tpr']:.2f} / –" for k in kinds)
-                     + " |")
+        cells = [f"{e['control_auroc']:.3f} / {e['control_tpr']:.2f} / –" if (e := per.get(k)) else "–" for k in kinds]
+        lines.append(f"| control: clean encoder | {TRIGGER_NAMES.get(trig, trig)} | {view} | " + " | ".join(cells) + " |")
     lines.append("| **mean TPR margin / worst AUROC shortfall** | | | " + " | ".join(
         f"{choice['summary'][k]['mean_tpr_margin']:+.3f} / {choice['summary'][k]['worst_auroc_shortfall']:.3f}"
         for k in kinds) + " |")

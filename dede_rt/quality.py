@@ -22,7 +22,8 @@ def quality_report(result: TrainResult, detector: Detector, *, total_seconds: fl
     scores = np.asarray(detector.calibration_scores, np.float64)
     train = sum(c.get("train_seconds", c["seconds"]) for c in curve)
     report = {
-        "epochs_run": len(result.losses), "planned_epochs": result.planned_epochs, "stopped": result.stopped,
+        "epochs_run": len(result.losses), "planned_epochs": result.planned_epochs,
+        "first_planned_epochs": result.first_planned_epochs, "stopped": result.stopped,
         "best_epoch": result.best_epoch, "kept_epoch": result.kept_epoch, "precision": result.precision, "device": result.device,
         "holdout_error": {"first": held[0], "best": min(held), "last": held[-1]} if held else None,
         "curve": [{**{k: c[k] for k in ("epoch", "train_loss", "holdout_error")}, "seconds": round(c["seconds"], 3)}
@@ -57,6 +58,9 @@ def format_report(quality: dict) -> list[str]:
             lines[0] += f" (lowest held-out error at epoch {q['best_epoch']})"
     if q.get("eta_seconds") is not None and q.get("actual_after_plan_seconds"):
         lines.append(f"  ETA at planning {q['eta_seconds']:.0f} s, took {q['actual_after_plan_seconds']:.0f} s")
+    first, last = q.get("first_planned_epochs"), q.get("planned_epochs")
+    if first and last and last < first:
+        lines.append(f"  plan shrunk from {first} to {last} epochs (later epochs ran slower than the first)")
     if q.get("holdout_error"):
         h = q["holdout_error"]
         lines.append(f"  held-out clean error (test mask): {h['first']:.5g} after epoch 1 -> best {h['best']:.5g}, "

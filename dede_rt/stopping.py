@@ -35,6 +35,11 @@ class Budget:
         more = math.floor(left / epoch_seconds) if epoch_seconds > 0 else self.max_epochs
         return max(1, done, min(self.max_epochs, done + max(0, more)))
 
+    def replan(self, planned: int, *, done: int, recent_epoch_seconds: float, spent: float, reserve: float) -> int:
+        """The plan after epoch ``done``: ``planned``, or fewer when the recent pace no longer fits it (never more,
+        so a schedule planned over the epochs only ever ends sooner, never jumps back)."""
+        return min(planned, self.epochs(done=done, epoch_seconds=recent_epoch_seconds, spent=spent, reserve=reserve))
+
     def allows_another(self, *, epoch_seconds: float, spent: float, reserve: float) -> bool:
         """Whether one more epoch of ``epoch_seconds`` still ends within the budget."""
         return self.max_seconds is None or spent + epoch_seconds + reserve <= self.max_seconds

@@ -190,7 +190,8 @@ class TrainResult:
     best_epoch: int | None = None  # lowest held-out error (kept only when early stopping is on)
     kept_epoch: int | None = None  # the epoch whose decoder this is
     stopped: str = ""  # why training ended: "epochs", "planned", "early_stop", "budget", "max_steps"
-    planned_epochs: int | None = None
+    planned_epochs: int | None = None  # the plan at the end (shrunk when later epochs ran slower than planned)
+    first_planned_epochs: int | None = None  # the plan announced after the first epoch
     eta_seconds: float | None = None  # predicted at planning time: seconds from then to the end of the call
     plan_made_at: float | None = None  # seconds into the call when the plan was made
     precision: str = "fp32"
@@ -420,8 +421,18 @@ def train_decoder(
             planned = budget.epochs(done=epoch, epoch_seconds=epoch_times[-1], spent=spent, reserve=reserve_seconds)
             result.eta_seconds = (planned - epoch) * epoch_times[-1] + reserve_seconds
             result.plan_made_at = spent
+            result.first_planned_epochs = planned
             bar.set_total(planned)
             say(_plan_line(planned, epoch, epoch_times[-1], result.eta_seconds, budget, stopper))
+        elif budget.max_seconds is not None and epoch < planned:
+            # Later epochs can run slower than the timed first one (load, caches): shrink the plan to what still
+            # fits at the recent pace, so the budget does not cut a cosine schedule before it has decayed.
+            recent = epoch_times[-3:]
+            fits = budget.replan(planned, done=epoch, recent_epoch_seconds=sum(recent) / len(recent), spent=spent,
+                                 reserve=reserve_seconds)
+            if fits < planned:
+                planned = fits
+                bar.set_total(planned)
         mean_epoch = sum(epoch_times) / len(epoch_times)
         if max_steps is not None and steps >= max_steps:
             state.stopped = "max_steps"

@@ -27,6 +27,11 @@ def test_budget_plans_whole_epochs_in_what_is_left():
     assert budget.epochs(done=1, epoch_seconds=30.0, spent=700.0, reserve=5.0) == 1  # over budget: what is done
     assert Budget(None, 40).epochs(done=1, epoch_seconds=1e6, spent=1e6, reserve=0) == 40  # no budget: the cap
     assert budget.allows_another(epoch_seconds=10.0, spent=585.0, reserve=5.0)
+    # re-planning after epoch 40 of a 100-epoch plan: slower epochs (7 s, 280 s left -> 40 more) shrink it,
+    # faster ones never grow it
+    assert budget.replan(100, done=40, recent_epoch_seconds=7.0, spent=315.0, reserve=5.0) == 80
+    assert budget.replan(100, done=40, recent_epoch_seconds=1.0, spent=315.0, reserve=5.0) == 100
+    assert budget.replan(100, done=40, recent_epoch_seconds=7.0, spent=700.0, reserve=5.0) == 40  # no time left
     assert not budget.allows_another(epoch_seconds=10.0, spent=586.0, reserve=5.0)
     config = TrainConfig()
     assert config.auto and config.budget() == Budget(600.0, AUTO_MAX_EPOCHS)
@@ -79,8 +84,10 @@ def test_trainer_plans_from_its_first_epoch_and_keeps_within_the_plan(setup):
     first = result.curve[0]
     # The plan is the budget's arithmetic over what was measured, not a clock read in the test.
     expected = config.budget().epochs(done=1, epoch_seconds=first["seconds"], spent=result.plan_made_at, reserve=0.5)
-    assert result.planned_epochs == expected
-    assert 1 <= result.epochs_run <= result.planned_epochs
+    assert result.first_planned_epochs == expected
+    assert 1 <= result.epochs_run <= result.planned_epochs <= expected  # a re-plan only shrinks the plan
+    if result.stopped == "planned":
+        assert result.epochs_run == result.planned_epochs
     assert result.stopped in ("planned", "budget", "early_stop")
     assert all(c["holdout_error"] is not None and math.isfinite(c["holdout_error"]) for c in result.curve)
     assert result.eta_seconds == pytest.approx((expected - 1) * first["seconds"] + 0.5)

@@ -1,6 +1,7 @@
 """Detector vs its own encoder, step by step: how much of the encoder's speed each decoder optimization keeps.
 
-On `dede-rt bench`'s speed bundle (random-init ResNet18-CIFAR + reference 12/4-block decoder) it builds, from
+On a `dede-rt bench` speed bundle (random-init ResNet18-CIFAR + the reference 12/4-block decoder, or with
+``--decoder-size small`` the small one `dede-rt train` gives by default) it builds, from
 the same weights, the graph of each step and cuts every one at the embedding (``dede_rt.export.cut``) for its
 encoder-alone twin (same Q/DQ for INT8):
 
@@ -16,7 +17,7 @@ All sessions (ORT CPU, ``--threads`` intra-op threads, batch ``--batch``) are ti
 for ``--seconds`` per round, so load on the shared machine hits all alike; the ratio detector / encoder-alone is
 taken per round and its median reported.
 
-    python benchmarks/bench_decoder_speed.py [--rounds 5] [--seconds 1.5]
+    python benchmarks/bench_decoder_speed.py [--decoder-size reference|small] [--rounds 5] [--seconds 1.5]
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dede_rt.models.decoder_sizes import DECODER_SIZES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-SMALL_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2}  # the demo's and eval's decoder
-
-
-def build(workdir: Path, log=print, decoder: dict | None = None) -> tuple[dict[str, Path], np.ndarray]:
-    """The speed bundle (``decoder``: its decoder shape, default the reference) and the graphs of every step
-    (built once under ``workdir``)."""
+def build(workdir: Path, log=print, decoder_size: str = "reference") -> tuple[dict[str, Path], np.ndarray]:
+    """The speed bundle (its decoder: ``DECODER_SIZES[decoder_size]``) and the graphs of every step (built once
+    under ``workdir``)."""
     import torch
 
     from dede_rt.bench import build_bench_bundle
@@ -52,7 +52,7 @@ def build(workdir: Path, log=print, decoder: dict | None = None) -> tuple[dict[s
     bundle = workdir / "bundle"
     if not (bundle / "manifest.json").is_file():
         log("building the speed bundle")
-        build_bench_bundle(bundle, calibration=clean[:512], decoder=decoder)
+        build_bench_bundle(bundle, calibration=clean[:512], decoder_size=decoder_size)
     det = load_detector(bundle)
     u8 = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     paths = {"fp32 plain": workdir / "plain.onnx", "fp32 folded": workdir / "folded.onnx",
@@ -127,7 +127,8 @@ def time_round_robin(graphs: dict[str, Path], images: np.ndarray, batch: int, th
 def main() -> None:
     """Build the steps, time them round-robin with their encoder cuts, write JSON + Markdown."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "dede-rt" / "decoder-speed")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the graphs are built and cached (default ~/.cache/dede-rt/decoder-speed[-small])")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -135,13 +136,17 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="comma-separated subset of the steps (default: all)")
     ap.add_argument("--name", default="decoder_speed")
     ap.add_argument("--no-spin", action="store_true", help="ORT worker threads sleep when idle (loaded machines)")
-    ap.add_argument("--small-decoder", action="store_true",
-                    help=f"the demo's / eval's decoder {SMALL_DECODER} instead of the reference 12/4-block one")
+    ap.add_argument("--decoder-size", choices=("reference", "small"), default="reference",
+                    help="the speed bundle's decoder (DECODER_SIZES): the paper's 12/4-block one, or small "
+                         "(dede-rt train's default)")
     args = ap.parse_args()
     from dede_rt.export.cut import cut_encoder
 
+    if args.workdir is None:  # one cache per decoder shape: a cached bundle of the other shape would be reused
+        args.workdir = Path.home() / ".cache" / "dede-rt" / ("decoder-speed" if args.decoder_size == "reference"
+                                                             else f"decoder-speed-{args.decoder_size}")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    paths, clean = build(args.workdir, decoder=SMALL_DECODER if args.small_decoder else None)
+    paths, clean = build(args.workdir, decoder_size=args.decoder_size)
     if args.steps:
         paths = {k: v for k, v in paths.items() if k in args.steps.split(",")}
     graphs = {}
@@ -171,8 +176,7 @@ def main() -> None:
                      "ratio_cpu_time": float(np.median(det_cpu / enc_cpu)), **agree[name]})
     result = {"batch": args.batch, "threads": args.threads, "spinning": not args.no_spin, "rounds": args.rounds, "seconds": args.seconds,
               "load_average_start": load_start, "load_average_end": load_end, "cpu_count": os.cpu_count(),
-              "bundle": "random-init resnet18-cifar + " + (f"small decoder {SMALL_DECODER}" if args.small_decoder else
-                                                          "reference 12/4-block decoder (bench speed bundle)"),
+              "bundle": f"random-init resnet18-cifar + {args.decoder_size} decoder {DECODER_SIZES[args.decoder_size]}",
               "rows": rows}
     lines = ["| step | detector img/s | encoder-alone img/s | ratio (median of rounds) | ratio, CPU time "
              "| max rel diff vs torch | Spearman vs torch |", "|---|---:|---:|---:|---:|---:|---:|"]

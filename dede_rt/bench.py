@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dede_rt.errors import UserError
+from dede_rt.models.decoder_sizes import DEFAULT_DECODER_SIZE, decoder_shape
 
 BASELINE = ("torch", "fp32", 256)
 # A variant is (backend, precision) or (backend, precision, option): option = the torch backend's score kernel
@@ -109,8 +110,10 @@ def _speed_encoder(model: str, out: Path) -> tuple[str, dict]:
 
 def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, calibration: np.ndarray | None = None,
                        decoder: dict | None = None, relative_k: int = 0, prototypes: int = 256,
-                       combined: bool = False) -> Path:
-    """A detector bundle with random-init weights (speed only): ``arch`` victim + reference 12/4-block decoder.
+                       combined: bool = False, decoder_size: str = DEFAULT_DECODER_SIZE) -> Path:
+    """A detector bundle with random-init weights (speed only): ``arch`` victim + a ``decoder_size`` decoder.
+
+    The decoder is the one ``dede-rt train`` gives (``DECODER_SIZES``; ``decoder`` fields override it).
 
     ``arch``: a CIFAR ResNet name, or ``resnet50-224`` / ``clip-vit-b32-224`` (224 px, the family's own
     preprocessing, decoder patch 32). ``relative_k`` > 0: the relative score, against the embeddings of
@@ -132,7 +135,8 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
     encoder, info = load_encoder(spec, **{"image_size": 32, **kwargs})
     norm = encoder_normalization(info)
     patch = {} if norm.image_size == 32 else {"patch_size": 32}
-    dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], image_size=norm.image_size, **{**patch, **(decoder or {})}))
+    dec = DeDeDecoder(DecoderConfig(embed_dim=info["embed_dim"], image_size=norm.image_size,
+                                    **decoder_shape(decoder_size, **{**patch, **(decoder or {})})))
     images = calibration if calibration is not None else demo_dataset(photo_count=200, seed=seed).images[:512]
     if images.shape[1] != norm.image_size:
         images = resize_set(ImageSet(images), norm.image_size).images
@@ -451,11 +455,12 @@ def write_reports(result: dict, json_path: str | Path | None = None, markdown_pa
 
 
 def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.ndarray | None = None,
-                   precisions: tuple[str, ...] = ("int8", "fp16"), log=print, model: str = "resnet18") -> Path:
+                   precisions: tuple[str, ...] = ("int8", "fp16"), log=print, model: str = "resnet18",
+                   decoder_size: str = DEFAULT_DECODER_SIZE) -> Path:
     """The bundle to benchmark, with its ONNX export and calibrated variants (built once, then reused).
 
-    ``bundle=None`` builds the speed bundle of ``model`` (``SPEED_MODELS``: random-init victim +
-    reference-width 12/4-block decoder) under ``workdir``.
+    ``bundle=None`` builds the speed bundle of ``model`` (``SPEED_MODELS``: random-init victim + a
+    ``decoder_size`` decoder, the training default unless told) under ``workdir``.
     """
     from dede_rt.bundle import read_manifest
     from dede_rt.calibration.pipeline import calibrate_detector
@@ -466,10 +471,11 @@ def prepare_bundle(bundle: str | Path | None, workdir: str | Path, clean: np.nda
         clean = demo_dataset(photo_count=400).images
     if bundle is None:
         speed_model_size(model)  # an unknown name fails before any work
-        bundle = Path(workdir) / f"bench-{model}-ref-decoder"
+        decoder_shape(decoder_size)  # so does an unknown decoder size
+        bundle = Path(workdir) / f"bench-{model}-{decoder_size}-decoder"
         if not (bundle / "manifest.json").is_file():
-            log(f"building the speed bundle (random-init {model} + reference decoder) in {bundle}")
-            build_bench_bundle(bundle, model, calibration=clean[:512])
+            log(f"building the speed bundle (random-init {model} + {decoder_size} decoder) in {bundle}")
+            build_bench_bundle(bundle, model, calibration=clean[:512], decoder_size=decoder_size)
     bundle = Path(bundle)
     ensure_graph(bundle, "detector", log)
     missing = tuple(p for p in precisions if p not in read_manifest(bundle).deployment.precisions)
@@ -483,10 +489,12 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
                   variants: tuple[tuple[str, str], ...] = DEFAULT_VARIANTS, seconds: float = 1.0, rounds: int = 3,
                   threads: int = 0, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
                   plot_path: str | Path | None = None, score_kernels: tuple[str, ...] = (),
-                  score_tails: tuple[str, ...] = (), log=print, model: str = "resnet18") -> dict:
+                  score_tails: tuple[str, ...] = (), log=print, model: str = "resnet18",
+                  decoder_size: str = DEFAULT_DECODER_SIZE) -> dict:
     """Prepare the bundle (export + calibrate once), benchmark it and write the reports.
 
-    ``model``: which speed bundle to build when ``bundle`` is None (``SPEED_MODELS``).
+    ``model`` / ``decoder_size``: which speed bundle to build when ``bundle`` is None (``SPEED_MODELS``,
+    ``DECODER_SIZES``).
     ``score_kernels`` / ``score_tails``: extra rows next to each torch / TensorRT variant with that score kernel
     (e.g. "triton") / engine score tail (e.g. "plugin"), so both forms are measured side by side.
     """
@@ -504,7 +512,7 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
     size = read_manifest(bundle).image_size if bundle is not None else speed_model_size(model)
     if size != images.shape[1]:
         images = resize_set(ImageSet(images), size).images
-    path = prepare_bundle(bundle, workdir, images, calibrate, log=log, model=model)
+    path = prepare_bundle(bundle, workdir, images, calibrate, log=log, model=model, decoder_size=decoder_size)
     variants = expanded
     result = run_benchmark(path, images, batches, variants, seconds, rounds, threads, log=log)
     write_reports(result, json_path, markdown_path, plot_path)

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from dede_rt.errors import UserError
+from dede_rt.models.decoder_sizes import DEFAULT_DECODER_SIZE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Screen image datasets for images carrying a backdoor trigger of a self-supervised encoder (DeDe).")
@@ -99,8 +100,13 @@ def train(
     train_precision: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU runs it natively, else fp32), "
                                         "fp32 (reference) or bf16: the decoder's forward pass under bfloat16 "
                                         "autocast, ~1.8x faster on CPUs with AVX512-BF16/AMX."),
-    patch_size: int = typer.Option(4), dim: int = typer.Option(192), heads: int = typer.Option(3),
-    encoder_depth: int = typer.Option(12), decoder_depth: int = typer.Option(4),
+    decoder_size: str = typer.Option(DEFAULT_DECODER_SIZE, help="small (dim 128, 4 heads, 2+2 blocks: the default, ~4.5x cheaper "
+                                     "at test time, README 'Decoder size') or reference (the paper's dim 192, "
+                                     "3 heads, 12+4 blocks). --dim/--heads/--encoder-depth/--decoder-depth "
+                                     "override its fields."),
+    patch_size: int = typer.Option(4), dim: Optional[int] = typer.Option(None, help="Decoder width."),
+    heads: Optional[int] = typer.Option(None), encoder_depth: Optional[int] = typer.Option(None),
+    decoder_depth: Optional[int] = typer.Option(None),
     qkv_bias: bool = typer.Option(False, help="Give the decoder's attention qkv a bias (the paper's decoder, timm "
                                   "Block(dim, heads), has none)."),
     # "relative" = scoring.DEFAULT_SCORE (written out: the CLI does not import torch to show its help)
@@ -124,6 +130,7 @@ def train(
     detector = train_detector(
         encoder, data, out, normalization={k: v for k, v in given.items() if v is not None},
         weights=weights, embedding=embedding,
+        decoder_size=decoder_size,
         decoder_config={"patch_size": patch_size, "dim": dim, "heads": heads, "encoder_depth": encoder_depth,
                         "decoder_depth": decoder_depth, "qkv_bias": qkv_bias},
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -364,7 +371,7 @@ def build_engine_cmd(
 @app.command()
 def bench(
     detector: Optional[Path] = typer.Argument(None, help="Detector bundle (default: a random-init ResNet18 + "
-                                              "reference 12/4-block decoder speed bundle, built once in --workdir)."),
+                                              "--decoder-size decoder speed bundle, built once in --workdir)."),
     batch_sizes: str = typer.Option("1,32,64,256", help="Batch sizes."),
     backends: str = typer.Option("torch:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp16,tensorrt:fp16,tensorrt:int8",
                                  help="backend:precision variants (unavailable ones are listed as skipped)."),
@@ -372,6 +379,8 @@ def bench(
     rounds: int = typer.Option(3, help="Round-robin rounds (all variants once per round)."),
     threads: int = typer.Option(0, help="Intra-op threads for torch and ONNX Runtime (0: their defaults)."),
     workdir: Path = typer.Option(Path.home() / ".cache" / "dede-rt" / "bench", help="Where the default speed bundle lives."),
+    decoder_size: str = typer.Option(DEFAULT_DECODER_SIZE, help="The speed bundle's decoder: small (dede-rt "
+                                     "train's default) or reference (the paper's 12+4 blocks)."),
     model: str = typer.Option("resnet18", help="Speed bundle to build without DETECTOR: resnet18 (CIFAR, 32 px), "
                               "resnet50-224 (torchvision ResNet-50) or clip-vit-b32-224 (CLIP ViT-B/32 tower)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows (backend, precision, batch, throughput, latency_*) as JSON."),
@@ -392,7 +401,7 @@ def bench(
     result = bench_command(detector, workdir, batches=_csv(batch_sizes, int), variants=variants, seconds=seconds,
                            rounds=rounds, threads=threads, json_path=json_out, markdown_path=markdown, plot_path=plot,
                            score_kernels=tuple(_csv(score_kernel)), score_tails=tuple(_csv(score_tail)),
-                           log=lambda m: typer.echo(m, err=True), model=model)
+                           log=lambda m: typer.echo(m, err=True), model=model, decoder_size=decoder_size)
     typer.echo(markdown_table(result))
 
 

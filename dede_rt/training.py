@@ -25,7 +25,8 @@ import torch
 
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
-from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
+from dede_rt.models.decoder import (DEFAULT_DECODER_SIZE, DecoderConfig, DeDeDecoder, decoder_shape,
+                                   patchify_images, size_name)
 from dede_rt.models.encoders import VictimEncoder, load_encoder
 from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
 from dede_rt.stopping import AUTO_MAX_EPOCHS, DEFAULT_MAX_MINUTES, MIN_DELTA, PATIENCE, Budget, EarlyStopping
@@ -607,6 +608,7 @@ def standardized(detector: "Detector", hold_images: np.ndarray, progress: bool =
 def train_detector(
     encoder_path: str | Path, data: str | Path | np.ndarray, out: str | Path | None = None, *,
     normalization: Normalization | dict | None = None, decoder_config: dict | None = None,
+    decoder_size: str = DEFAULT_DECODER_SIZE,
     config: TrainConfig | None = None, encoder_format: str = "auto", l2_normalize: bool = False,
     weights: str | Path | None = None, embedding: str = "auto",
     threshold_data: str | Path | np.ndarray | None = None, holdout_fraction: float = 0.1,
@@ -621,6 +623,8 @@ def train_detector(
     "relative"). The relative score compares against ``prototypes`` of the training embeddings, averaging the
     ``relative_k`` that fit best (default 32, at most the prototypes there are); the combined one adds both
     kinds, each standardized on the held-out images (``scoring.Standardization``).
+    ``decoder_size``: the decoder's shape by name (``DECODER_SIZES``: "small", the default, or "reference", the
+    paper's); ``decoder_config`` fields (patch size, dim, ...) override it.
     ``on_epoch(epoch, loss, decoder)`` runs after every epoch.
     ``encoder_path`` may be a family spec (``torchvision:resnet50`` with ``weights``); ``normalization`` a
     Normalization, or a dict of fields that override the encoder's own preprocessing (see
@@ -634,6 +638,7 @@ def train_detector(
 
     score = score or DEFAULT_SCORE
     kind_class(score)  # an unknown kind fails before any work
+    shape = decoder_shape(decoder_size, **(decoder_config or {}))  # so does an unknown decoder size
     k_given = relative_k
     config = config or TrainConfig()
     probe_size = normalization.image_size if isinstance(normalization, Normalization) else \
@@ -657,8 +662,7 @@ def train_detector(
     if len(hold_images) < 1 / min(fprs):
         print(f"warning: {len(hold_images)} held-out clean images cannot resolve an FPR of {min(fprs):g}; "
               f"use at least {int(np.ceil(10 / min(fprs)))}", file=sys.stderr)
-    dconf = DecoderConfig(**{"embed_dim": encoder.embed_dim, "image_size": normalization.image_size,
-                             **(decoder_config or {})})
+    dconf = DecoderConfig(**{"embed_dim": encoder.embed_dim, "image_size": normalization.image_size, **shape})
     if checkpoint_dir is None and out is not None:
         checkpoint_dir = Path(out) / "checkpoints"
     started = time.perf_counter()  # the budget of --max-minutes counts from here
@@ -679,7 +683,7 @@ def train_detector(
     detector = Detector(
         encoder=encoder, decoder=result.decoder, normalization=normalization, encoder_info=info,
         train_mask_ratio=config.mask_ratio, default_fpr=default_fpr,
-        sections={"training": {**config.to_dict(), "images": int(len(train_images)),
+        sections={"training": {**config.to_dict(), "decoder_size": size_name(shape), "images": int(len(train_images)),
                             "threshold_images": int(len(hold_images)), "final_loss": result.losses[-1],
                             "epochs_run": len(result.losses), "embed_seconds": round(result.embed_seconds, 3),
                             "train_seconds": round(result.train_seconds, 3),

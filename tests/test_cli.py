@@ -85,6 +85,8 @@ def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
     # the default score kind (scoring.DEFAULT_SCORE): relative, k = 32 of the 90 training images' prototypes
     assert info["score"]["kind"] == "relative" and info["score"]["relative_k"] == 32
     assert info["score"]["prototypes"] == 90 and info["decoder"]["qkv_bias"] is False
+    # --dim etc. override the default decoder size's fields (small), so the bundle records a custom shape
+    assert info["decoder"]["dim"] == 32 and info["training"]["decoder_size"] == "custom"
     # the relative score: prototypes from the 90 training images; the exported graph computes it too
     rel = tmp_path / "det_rel"
     proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", rel, "--epochs", 1, "--dim", 32,
@@ -107,3 +109,26 @@ def test_train_default_score_is_the_library_default():
 
     option = inspect.signature(cli.train).parameters["score"].default
     assert option.default == DEFAULT_SCORE == "relative"
+
+
+def test_train_default_decoder_size_is_the_library_default(tmp_path, encoder_file, demo_images):
+    """No decoder flags: the small shape (models.decoder_sizes), recorded by name; --decoder-size reference is the
+    paper's 12+4 shape; an unknown size is a one-line error before any work."""
+    from PIL import Image
+
+    from dede_rt.models.decoder_sizes import DECODER_SIZES, DEFAULT_DECODER_SIZE
+
+    assert DEFAULT_DECODER_SIZE == "small"
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, img in enumerate(demo_images.images[:40]):
+        Image.fromarray(img).save(data / f"{i:03d}.png")
+    out = tmp_path / "det"
+    proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", out, "--epochs", 1, "--holdout", 0.25,
+                   "--quiet", "--score", "summed")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(run_cli("info", out, "--json").stdout)
+    assert {k: info["decoder"][k] for k in DECODER_SIZES["small"]} == DECODER_SIZES["small"]
+    assert info["training"]["decoder_size"] == "small"
+    assert_one_line_error(run_cli("train", "--encoder", encoder_file, "--data", data, "--out", tmp_path / "o",
+                                  "--decoder-size", "huge"), "unknown decoder size 'huge'")

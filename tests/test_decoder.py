@@ -14,6 +14,19 @@ def test_reference_defaults():
     assert c.num_patches == 64 and c.patch_pixels == 48
 
 
+def test_decoder_sizes_name_the_shapes():
+    from dede_rt.errors import UserError
+    from dede_rt.models.decoder_sizes import DECODER_SIZES, decoder_shape, size_name
+
+    reference = DecoderConfig()  # the reference size is the DecoderConfig defaults, field for field
+    assert DECODER_SIZES["reference"] == {k: getattr(reference, k) for k in DECODER_SIZES["reference"]}
+    assert decoder_shape("small", dim=64, heads=None) == {**DECODER_SIZES["small"], "dim": 64}  # None keeps
+    assert size_name({**DECODER_SIZES["small"], "patch_size": 8}) == "small"  # patch/bias are not the size
+    assert size_name(decoder_shape("small", decoder_depth=3)) == "custom"
+    with pytest.raises(UserError, match="unknown decoder size 'tiny'"):
+        decoder_shape("tiny")
+
+
 @pytest.mark.parametrize("image_size,patch", [(32, 4), (32, 8), (224, 32), (224, 16)])
 @pytest.mark.parametrize("ratio", [0.0, 0.75, 0.9, 0.99])
 def test_output_shapes_and_visible_count(image_size, patch, ratio):

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dede_rt.models.decoder_sizes import DECODER_SIZES, DEFAULT_DECODER_SIZE, decoder_shape, size_name  # noqa: F401
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Shape of a DeDe decoder; the defaults are the reference CIFAR setting."""
+    """Shape of a DeDe decoder; the defaults are the reference CIFAR setting (``DECODER_SIZES["reference"]``)."""
 
     embed_dim: int = 512  # victim embedding width (512 for CIFAR ResNet18)
     image_size: int = 32

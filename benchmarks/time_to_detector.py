@@ -5,12 +5,13 @@ Usage (after `make demo`, which writes the demo victim and its clean encoder):
         --clean demo-output/clean_encoder.pth --reference-epochs 200
 
 Same machine, same run, same splits (the demo's: training split, 500 clean held-out images for the
-thresholds, 400 clean test images + their white-square-triggered copies), the default decoder (12+4 blocks,
-dim 192: what a user gets with no flags). For every encoder (the BadEncoder victim and the clean encoder it
-was fine-tuned from: the control) and embedding form (raw, L2-normalized):
-  - default: TrainConfig() - epochs auto within the default 10-minute budget, early stopping, precision auto;
-  - reference: TrainConfig(epochs=R, precision="fp32") - the fixed schedule; its test AUROC is recorded after
-    every epoch (scoring time excluded from its clock), so one run gives the AUROC-vs-minutes curve.
+thresholds, 400 clean test images + their white-square-triggered copies). For every encoder (the BadEncoder
+victim and the clean encoder it was fine-tuned from: the control) and embedding form (raw, L2-normalized):
+  - default: what a user gets with no flags - TrainConfig() (epochs auto within the default 10-minute budget,
+    precision auto), the default decoder size and score (decoder_sizes.DEFAULT_DECODER_SIZE, scoring.DEFAULT_SCORE);
+  - reference: TrainConfig(epochs=R, precision="fp32"), the reference decoder and the summed score - the paper's
+    fixed schedule; its test AUROC is recorded after every epoch (scoring time excluded from its clock), so one
+    run gives the AUROC-vs-minutes curve.
 Writes benchmarks/results/time_to_detector.json and time_to_detector.png (AUROC against wall-clock minutes).
 """
 
@@ -21,11 +22,13 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dede_rt.bundle.thresholds import threshold_at_fpr
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import white_square
 from dede_rt.demo import TARGET_CLASS, DemoSettings, demo_splits
@@ -36,8 +39,10 @@ from dede_rt.training import TrainConfig, compute_embeddings, train_detector
 RESULTS = Path(__file__).parent / "results"
 
 
-# Candidate defaults, measured against "default" (TrainConfig()) in the same run: name -> TrainConfig fields.
+# Candidate defaults, measured against "default" (TrainConfig()) in the same run: name -> TrainConfig fields,
+# or train_detector's DETECTOR_ARGS (e.g. refdec=decoder_size:reference, summed=score:summed).
 VARIANTS: dict[str, dict] = {}
+DETECTOR_ARGS = ("decoder_size", "score", "relative_k", "prototypes")
 
 
 def _auroc_tracker(encoder_path: Path, l2: bool, norm: Normalization, clean: np.ndarray, triggered: np.ndarray,
@@ -73,24 +78,38 @@ def _auroc_tracker(encoder_path: Path, l2: bool, norm: Normalization, clean: np.
 def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, data, train_idx, cal_idx,
             clean: np.ndarray, triggered: np.ndarray, norm: Normalization, every: int, seed: int) -> dict:
     """Train one detector as the product does and report its quality and timing."""
-    config = TrainConfig(epochs=reference_epochs, precision="fp32", seed=seed) if schedule == "reference" else \
-        TrainConfig(seed=seed, **VARIANTS.get(schedule, {}))
+    variant = dict(VARIANTS.get(schedule, {}))
+    # train_detector's own choices (the rest are TrainConfig fields); the reference is the paper's exactly
+    detector_args = {k: variant.pop(k) for k in DETECTOR_ARGS if k in variant}
+    if schedule == "reference":
+        config = TrainConfig(epochs=reference_epochs, precision="fp32", seed=seed)
+        detector_args = {"decoder_size": "reference", "score": "summed"}
+    else:
+        config = TrainConfig(seed=seed, **variant)
     hook, points, spent = _auroc_tracker(encoder, l2, norm, clean, triggered, every) if schedule == "reference" \
         else (None, [], [0.0])
     t0 = time.perf_counter()
     det = train_detector(encoder, data.images[train_idx], None, normalization=norm, config=config,
-                         threshold_data=data.images[cal_idx], l2_normalize=l2, progress=True, on_epoch=hook)
+                         threshold_data=data.images[cal_idx], l2_normalize=l2, progress=True, on_epoch=hook,
+                         **detector_args)
     seconds = time.perf_counter() - t0 - spent[0]
     labels = np.r_[np.zeros(len(clean), int), np.ones(len(triggered), int)]
     report = detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01))
+    views = {}
+    if det.score_kind != "summed":  # the same decoder's summed error, thresholded on the same held-out images
+        summed = replace(det, prototype_embeddings=None, relative_k=0, standardization=None)
+        threshold = threshold_at_fpr(summed.score(data.images[cal_idx]), 0.01)
+        views["summed_view"] = detection_report(labels, np.r_[summed.score(clean), summed.score(triggered)], threshold)
     q = det.sections["quality"]
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
-    row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed, "config": config.to_dict(),
-           "epochs_run": q["epochs_run"], "planned_epochs": q["planned_epochs"], "stopped": q["stopped"],
+    row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed,
+           "config": config.to_dict(), "decoder": det.decoder.config.to_dict(), "score": det.score_kind,
+           "epochs_run": q["epochs_run"], "planned_epochs": q["planned_epochs"],
+           "first_planned_epochs": q.get("first_planned_epochs"), "stopped": q["stopped"],
            "best_epoch": q["best_epoch"], "kept_epoch": q["kept_epoch"], "precision": q["precision"], "minutes": round(seconds / 60, 3),
            "eta_seconds": eta, "actual_after_plan_seconds": actual,
            "eta_relative_error": None if eta is None or not actual else round(abs(eta - actual) / actual, 4),
-           "data_share": q["data_share"], **report}
+           "data_share": q["data_share"], **report, **views}
     if points:
         row["auroc_curve"] = [{"epoch": p["epoch"], "auroc": p["auroc"], "loss": p["loss"],
                                "minutes": round((p["at"] - t0 - p["eval_seconds_so_far"]) / 60, 3)} for p in points]
@@ -106,14 +125,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for i, r in enumerate(rows):
         name = f"{r['encoder']}{' l2' if r['l2'] else ''}"
-        color = f"C{i // 2}"
+        color = f"C{i}"
         if r["schedule"] == "reference" and r.get("auroc_curve"):
             c = r["auroc_curve"]
             ax.plot([p["minutes"] for p in c], [p["auroc"] for p in c], color=color, alpha=0.7,
                     label=f"{name}: reference ({r['epochs_run']} epochs)")
         else:
             ax.scatter([r["minutes"]], [r["auroc"]], color=color, marker="*", s=140, zorder=3,
-                       label=f"{name}: default ({r['epochs_run']} epochs, {r['stopped']})")
+                       label=f"{name}: {r['schedule']} ({r['epochs_run']} epochs, {r['stopped']})")
     ax.set_xlabel("wall-clock minutes (training call)")
     ax.set_ylabel("test AUROC")
     ax.set_title("time to a good detector (2-core CPU)")

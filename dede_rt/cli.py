@@ -164,9 +164,10 @@ def info(detector: Path = typer.Argument(..., help="Detector bundle directory.")
         typer.echo(json.dumps(manifest.to_dict(), indent=2))
         return
     d = manifest.decoder
+    size = manifest.sections.get("training", {}).get("decoder_size")  # bundles before decoder sizes: none
     typer.echo(f"{detector}: DeDe detector, schema {manifest.schema}, {manifest.score.kind} score, "
-               f"{manifest.image_size}-px input, decoder patch {d.get('patch_size')} dim {d.get('dim')} "
-               f"depth {d.get('encoder_depth')}+{d.get('decoder_depth')}")
+               f"{manifest.image_size}-px input, decoder {size + ' ' if size else ''}patch {d.get('patch_size')} "
+               f"dim {d.get('dim')} depth {d.get('encoder_depth')}+{d.get('decoder_depth')}")
     quality = manifest.sections.get("quality")
     lines = format_report(quality) if quality else ["training: no quality report (trained before quality reports existed)"]
     for line in lines:

@@ -64,13 +64,18 @@ def test_wrong_embedding_dimension(edited_bundle):
     assert_one_line_error(run_cli("info", bundle), "expects 2048-d")
 
 
-def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
+def _png_folder(folder, images):
+    """The images as PNG files in a new folder (a user's training data)."""
     from PIL import Image
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, img in enumerate(demo_images.images[:120]):
-        Image.fromarray(img).save(data / f"{i:03d}.png")
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_train_end_to_end_writes_a_bundle(tmp_path, encoder_file, demo_images):
+    data = _png_folder(tmp_path / "data", demo_images.images[:120])
     out = tmp_path / "det"
     proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", out, "--epochs", 1, "--dim", 32,
                    "--heads", 2, "--encoder-depth", 1, "--decoder-depth", 1, "--holdout", 0.25, "--quiet")
@@ -114,21 +119,18 @@ def test_train_default_score_is_the_library_default():
 def test_train_default_decoder_size_is_the_library_default(tmp_path, encoder_file, demo_images):
     """No decoder flags: the small shape (models.decoder_sizes), recorded by name; --decoder-size reference is the
     paper's 12+4 shape; an unknown size is a one-line error before any work."""
-    from PIL import Image
-
     from dede_rt.models.decoder_sizes import DECODER_SIZES, DEFAULT_DECODER_SIZE
 
     assert DEFAULT_DECODER_SIZE == "small"
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, img in enumerate(demo_images.images[:40]):
-        Image.fromarray(img).save(data / f"{i:03d}.png")
-    out = tmp_path / "det"
-    proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", out, "--epochs", 1, "--holdout", 0.25,
-                   "--quiet", "--score", "summed")
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(run_cli("info", out, "--json").stdout)
-    assert {k: info["decoder"][k] for k in DECODER_SIZES["small"]} == DECODER_SIZES["small"]
-    assert info["training"]["decoder_size"] == "small"
+    data = _png_folder(tmp_path / "data", demo_images.images[:40])
+    for size, flags in (("small", ()), ("reference", ("--decoder-size", "reference"))):
+        out = tmp_path / size
+        proc = run_cli("train", "--encoder", encoder_file, "--data", data, "--out", out, "--epochs", 1,
+                       "--holdout", 0.25, "--quiet", "--score", "summed", *flags)
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(run_cli("info", out, "--json").stdout)
+        assert {k: info["decoder"][k] for k in DECODER_SIZES[size]} == DECODER_SIZES[size]
+        assert info["training"]["decoder_size"] == size
+        assert f"decoder {size} patch 4" in run_cli("info", out).stdout
     assert_one_line_error(run_cli("train", "--encoder", encoder_file, "--data", data, "--out", tmp_path / "o",
                                   "--decoder-size", "huge"), "unknown decoder size 'huge'")

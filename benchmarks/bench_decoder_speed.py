@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="comma-separated subset of the steps (default: all)")
     ap.add_argument("--name", default="decoder_speed")
     ap.add_argument("--no-spin", action="store_true", help="ORT worker threads sleep when idle (loaded machines)")
-    ap.add_argument("--decoder-size", choices=("reference", "small"), default="reference",
+    ap.add_argument("--decoder-size", choices=tuple(DECODER_SIZES), default="reference",
                     help="the speed bundle's decoder (DECODER_SIZES): the paper's 12/4-block one, or small "
                          "(dede-rt train's default)")
     args = ap.parse_args()

@@ -29,13 +29,15 @@ from dede_rt.data.sources import ImageSet
 from dede_rt.data.transforms import Normalization
 from dede_rt.data.triggers import white_square
 from dede_rt.metrics import detection_report
+from dede_rt.models.decoder_sizes import DECODER_SIZES
 from dede_rt.models.encoders import save_badencoder_checkpoint
 from dede_rt.models.resnet import build_resnet
 from dede_rt.scan import read_rows, run_scan
 from dede_rt.training import TrainConfig, train_detector
 
 TARGET_CLASS = 0  # digit "0": triggered images are pulled toward its embeddings
-DEMO_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2, "patch_size": 4}
+# The small size by name, not whatever the default is: the demo's README numbers are this shape's.
+DEMO_DECODER = {**DECODER_SIZES["small"], "patch_size": 4}
 
 
 @dataclass

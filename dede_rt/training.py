@@ -25,8 +25,8 @@ import torch
 
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
-from dede_rt.models.decoder import (DEFAULT_DECODER_SIZE, DecoderConfig, DeDeDecoder, decoder_shape,
-                                   patchify_images, size_name)
+from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
+from dede_rt.models.decoder_sizes import DEFAULT_DECODER_SIZE, decoder_shape, size_name
 from dede_rt.models.encoders import VictimEncoder, load_encoder
 from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
 from dede_rt.stopping import AUTO_MAX_EPOCHS, DEFAULT_MAX_MINUTES, MIN_DELTA, PATIENCE, Budget, EarlyStopping

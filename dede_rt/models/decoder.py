@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dede_rt.models.decoder_sizes import DECODER_SIZES, DEFAULT_DECODER_SIZE, decoder_shape, size_name  # noqa: F401
-
 
 @dataclass(frozen=True)
 class DecoderConfig:

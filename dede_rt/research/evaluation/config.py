@@ -8,11 +8,12 @@ from pathlib import Path
 from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import visible_count
+from dede_rt.models.decoder_sizes import DECODER_SIZES
 from dede_rt.research.evaluation.victims import DEFAULT_VICTIMS, VictimConfig, VictimFile, VictimSpec
 from dede_rt.scoring import PROTOTYPES, RELATIVE_K, TEST_MASK_RATIO
 from dede_rt.training import TrainConfig
 
-EVAL_DECODER = {"dim": 128, "heads": 4, "encoder_depth": 2, "decoder_depth": 2, "patch_size": 4}
+EVAL_DECODER = {**DECODER_SIZES["small"], "patch_size": 4}  # every eval table was measured with this shape
 REGIMES = ("id", "ood")
 
 

@@ -328,6 +328,8 @@ def calibrate(
                                              "calibration; default 2)."),
     max_images: Optional[int] = typer.Option(5000, help="Use at most this many images of each set (seeded)."),
     seed: int = typer.Option(0),
+    mixed: bool = typer.Option(True, help="With --triggered, when INT8 fails its gate: leave the encoder layers "
+                               "that cost most AUROC float until it passes (kept only if faster than FP32)."),
 ) -> None:
     """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-choose thresholds."""
     from dede_rt.bundle import fpr_key
@@ -338,7 +340,7 @@ def calibrate(
 
     results = calibrate_paths(detector, data, triggered=triggered, count=count, seed=seed,
                               precisions=_csv(precision), method=method, max_images=max_images,
-                              warn=lambda m: typer.echo(m, err=True),
+                              warn=lambda m: typer.echo(m, err=True), mixed=mixed,
                               **({} if headroom is None else {"headroom": headroom}))
     for name, entry in results.items():
         gate, fpr = entry["gate"], entry["threshold_fpr"]

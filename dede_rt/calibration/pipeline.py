@@ -26,19 +26,37 @@ def _scores(path: Path, size: int, precision: str, images: np.ndarray) -> np.nda
         return run_batched(runner, images, 128)
 
 
+def _project_weight(bundle: Path) -> np.ndarray:
+    """The decoder's projection weight, by which the embedding is found in any exported graph."""
+    from safetensors.numpy import load_file
+
+    from dede_rt.bundle.manifest import DECODER_WEIGHTS
+
+    return load_file(str(bundle / DECODER_WEIGHTS))["project.weight"]
+
+
+def _ort_scores(size: int):
+    """(graph, images) -> ORT CPU scores, for the mixed-precision search (graph precision by its own Q/DQ)."""
+    return lambda path, images: _scores(path, size, "int8", images)
+
+
 def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray | None = None, *,
                        triggered: np.ndarray | None = None, count: int = 256, seed: int = 0,
                        precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
-                       tol: GateTolerance = GateTolerance(), warn=print, headroom: float | None = None) -> dict:
+                       tol: GateTolerance = GateTolerance(), warn=print, headroom: float | None = None,
+                       mixed: bool = True) -> dict:
     """Build each precision from ``BUNDLE/onnx/detector.onnx``, gate it against FP32 and record it in the manifest.
 
     ``clean``: clean uint8 images (``labels``: their source/class, for stratified
     selection); ``count`` of them calibrate INT8 ranges, the rest are the
     held-out set for the gate and the re-calibrated thresholds. ``triggered``
-    (optional) makes the gate a labelled one: held-out clean = 0, triggered = 1.
+    (optional) makes the gate a labelled one: held-out clean = 0, triggered = 1; when INT8 fails it and
+    ``mixed`` (default), ``calibration.mixed.search_mixed`` leaves its costliest encoder layers float until it
+    passes (on half of the triggered images, the other half choosing the layers).
     """
     # A one-line error without the ONNX stack (the base install), before quantize imports onnx.
     require_onnx_export("calibrate_detector")
+    from dede_rt.calibration.mixed import search_mixed
     from dede_rt.calibration.quantize import DEFAULT_HEADROOM, convert_fp16, quantize_int8
 
     headroom = DEFAULT_HEADROOM if headroom is None else headroom
@@ -82,6 +100,17 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
         if val_labels is not None:
             got_val = np.r_[got_clean, _scores(out_path, size, precision, triggered)]
         gate = quality_gate(ref_clean, got_clean, ref_thresholds[key], thresholds[key], val_labels, ref_val, got_val, tol)
+        if precision == "int8" and not gate["passed"] and mixed and val_labels is not None:
+            warn(f"int8 failed its quality gate ({gate['summary']}); searching for encoder layers to keep float")
+            found = search_mixed(fp32_path, out_path, clean[calib_idx], held, triggered, _ort_scores(size),
+                                 method=method, headroom=headroom, tol=tol, fpr=default_fpr,
+                                 project_weight=_project_weight(bundle))
+            conversion["mixed_precision"] = found.to_dict()
+            if found.found:  # the search's gate: held-out clean + the triggered half it did not choose layers on
+                gate = found.gate
+                conversion["keep_float"] = found.float_layers
+                thresholds = thresholds_by_fpr(_scores(out_path, size, precision, held), fprs)
+                warn(f"int8 with {len(found.float_layers)} encoder layer(s) float: {gate['summary']}")
         entry = PrecisionEntry(f"onnx/{out_path.name}", Gate.from_dict(gate), thresholds,
                                {"sha256": sha256_file(out_path), "conversion": conversion,
                                 "threshold_fpr": default_fpr, "heldout_images": int(len(held_idx))})
@@ -94,7 +123,7 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
 def calibrate_paths(bundle: str | Path, data: str | Path, *, triggered: str | Path | None = None, count: int = 256,
                     seed: int = 0, precisions: tuple[str, ...] = LOWER_PRECISIONS, method: str = "minmax",
                     max_images: int | None = None, tol: GateTolerance = GateTolerance(), warn=print,
-                    headroom: float | None = None) -> dict:
+                    headroom: float | None = None, mixed: bool = True) -> dict:
     """``calibrate_detector`` on images read from disk (clean ``data``, optional ``triggered`` for a labelled gate)."""
     from dede_rt.calibration.sets import load_clean_images
 
@@ -102,4 +131,5 @@ def calibrate_paths(bundle: str | Path, data: str | Path, *, triggered: str | Pa
     clean = load_clean_images(data, size, max_images, seed)
     trig = load_clean_images(triggered, size, max_images, seed).images if triggered else None
     return calibrate_detector(bundle, clean.images, clean.labels, triggered=trig, count=count, seed=seed,
-                              precisions=precisions, method=method, tol=tol, warn=warn, headroom=headroom)
+                              precisions=precisions, method=method, tol=tol, warn=warn, headroom=headroom,
+                              mixed=mixed)

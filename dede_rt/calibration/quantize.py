@@ -132,6 +132,24 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1]) != 2]
 
 
+def encoder_weight_nodes(model: onnx.ModelProto, project_weight: np.ndarray | None = None) -> list[str]:
+    """The quantizable nodes (Conv/MatMul/Gemm) that compute the embedding, in graph order: the encoder's layers.
+
+    ``project_weight``: the decoder's projection weight, to find the embedding in TorchScript-exported graphs
+    (``export.cut.embedding_tensor``).
+    """
+    from dede_rt.export.cut import embedding_tensor
+
+    frontier, decoder = {embedding_tensor(model, project_weight)}, set()
+    for node in model.graph.node:  # topologically sorted: one forward pass finds everything downstream
+        if set(node.input) & frontier:
+            decoder.add(node.name)
+            frontier.update(node.output)
+    target = set(score_tail(model)[0])  # the pixel -> patch target path of the score
+    return [n.name for n in model.graph.node
+            if n.op_type in QUANTIZED_OPS and n.name not in decoder and n.name not in target]
+
+
 def deep_tensors(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """The tensors among ``names`` produced in the deeper half of the network (from the middle Conv's input on).
 
@@ -174,7 +192,7 @@ def _headroom_overrides(pre_path: Path, pre_model: onnx.ModelProto, reader: "Ima
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
                   batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM,
-                  decoder_rules: bool = True) -> dict:
+                  decoder_rules: bool = True, keep_float: tuple[str, ...] = ()) -> dict:
     """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
 
     ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
@@ -182,6 +200,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     ``headroom``: factor on the clean range of the deeper half's activations (1 = plain calibration).
     ``decoder_rules`` (default): only weight GEMMs are quantized (``activation_matmuls`` stay float) and a
     MatMul's output is not requantized (ONNX Runtime target only); False gives the rule before issue 23.
+    ``keep_float``: names of further Conv/MatMul/Gemm nodes to leave float (mixed precision; see
+    ``encoder_weight_nodes``).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -216,6 +236,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
             excluded = score_tail(pre_model)[1]  # the MatMuls ending the tail (head, prototype product) stay float
         if decoder_rules and not for_tensorrt:  # TensorRT's Q/DQ placement is its builder's business
             excluded += [n for n in activation_matmuls(pre_model) if n not in excluded]
+        unknown = set(keep_float) - {n.name for n in pre_model.graph.node}
+        if unknown:
+            raise UserError(f"keep_float names nodes the graph does not have: {', '.join(sorted(unknown))}")
+        excluded += [n for n in keep_float if n not in excluded]
         batch_size = calibration_batch(batch_size, *calibration_images.shape[1:3])
         reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
         if headroom != 1.0:

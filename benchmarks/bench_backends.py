@@ -63,15 +63,13 @@ def quality(detector: Path, out: Path) -> None:
     data, _, cal_idx, test_idx = demo_splits(DemoSettings(), Normalization())
     test = data.images[test_idx]
     triggered = white_square().stamp(test[data.labels[test_idx] != TARGET_CLASS])
-    result = precision_quality(work, data.images[cal_idx], test, triggered)
-    # The same precisions behind a labelled gate: calibration-split images, clean and white-square stamped
-    # (never the test split), so the gate can see TPR, which a clean-only rank gate cannot.
-    from dede_rt.calibration.pipeline import calibrate_detector
-
+    # The gates are labelled ones: calibration-split images, clean and white-square stamped (never the test
+    # split), so a gate can see TPR, which a clean-only rank gate cannot, and a failing INT8 can search mixed
+    # precision on them.
     cal = data.images[cal_idx]
     stamped = white_square().stamp(cal[data.labels[cal_idx] != TARGET_CLASS])
-    labelled = calibrate_detector(work, cal, data.labels[cal_idx], triggered=stamped, precisions=("int8", "fp16"))
-    result["labelled_gates"] = {p: e["gate"] for p, e in labelled.items()}
+    result = precision_quality(work, cal, test, triggered, labels=data.labels[cal_idx], triggered=stamped)
+    result["labelled_gates"] = result.pop("gates")
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["rows"]:
         print(f"{r['backend']:12s} {r['precision']}: AUROC {r['auroc']:.4f} (delta {r['auroc_delta_vs_torch_fp32']:+.4f}), "
@@ -79,6 +77,10 @@ def quality(detector: Path, out: Path) -> None:
               f"Spearman vs torch {r['spearman_vs_torch']:.5f}")
     for p, g in result["labelled_gates"].items():
         print(f"labelled gate {p}: {'PASSED' if g['passed'] else 'FAILED'} ({g['summary']})")
+    mixed = result["conversions"].get("int8", {}).get("mixed_precision")
+    if mixed:
+        print(f"int8 mixed-precision search: {'found' if mixed['found'] else 'none'} {mixed['float_layers']} "
+              f"{mixed['images_per_second']} ({mixed['seconds']} s)")
 
 
 if __name__ == "__main__":

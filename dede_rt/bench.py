@@ -520,11 +520,13 @@ def bench_command(bundle: str | Path | None, workdir: str | Path, *, batches: tu
 
 
 def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndarray, test_triggered: np.ndarray,
-                      count: int = 256, log=print) -> dict:
+                      count: int = 256, log=print, labels: np.ndarray | None = None,
+                      triggered: np.ndarray | None = None) -> dict:
     """Detection quality of each precision on a labelled test split (clean = 0, triggered = 1) vs FP32.
 
     ``clean`` (disjoint from the test split) calibrates INT8 and the per-precision
-    thresholds; the test split is only scored.
+    thresholds; the test split is only scored. ``triggered`` (disjoint from the test split too) makes the
+    gates labelled ones, as ``dede-rt calibrate --triggered`` (and lets a failing INT8 search mixed precision).
     """
     from dede_rt.bundle import fpr_key, read_manifest
     from dede_rt.calibration.pipeline import calibrate_detector
@@ -533,7 +535,7 @@ def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndar
     from dede_rt.metrics import detection_report
 
     bundle = Path(bundle)
-    calibrate_detector(bundle, clean, count=count, warn=log)
+    calibration = calibrate_detector(bundle, clean, labels, triggered=triggered, count=count, warn=log)
     manifest = read_manifest(bundle)
     dep = manifest.deployment.precisions
     fpr = manifest.thresholds.default_fpr
@@ -557,4 +559,7 @@ def precision_quality(bundle: str | Path, clean: np.ndarray, test_clean: np.ndar
     for r in rows:
         r["auroc_delta_vs_torch_fp32"] = r["auroc"] - base
     return {"bundle": str(bundle), "test_clean": int(len(test_clean)), "test_triggered": int(len(test_triggered)),
-            "calibration_clean": int(len(clean)), "fpr": fpr, "rows": rows}
+            "calibration_clean": int(len(clean)), "calibration_triggered": 0 if triggered is None else int(len(triggered)),
+            "fpr": fpr, "rows": rows,
+            "gates": {p: e["gate"] for p, e in calibration.items()},
+            "conversions": {p: e["conversion"] for p, e in calibration.items()}}

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from dede_rt.errors import UserError
-from dede_rt.models.decoder_sizes import DEFAULT_DECODER_SIZE
+from dede_rt.models.decoder_sizes import DECODER_SIZES, DEFAULT_DECODER_SIZE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Screen image datasets for images carrying a backdoor trigger of a self-supervised encoder (DeDe).")
@@ -229,8 +229,11 @@ def eval_command(
                                          "(test images always carry the reference 100)."),
     drupe_stealth: Optional[float] = typer.Option(None, help="Weight of DRUPE's distribution and anti-collapse terms "
                                                   "(both; default: DRUPEConfig's 0.1)."),
-    decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(128), decoder_heads: int = typer.Option(4),
-    decoder_depth: int = typer.Option(2), encoder_depth: int = typer.Option(2),
+    # the eval's decoder: the small size's shape (research.evaluation.config.EVAL_DECODER)
+    decoder_epochs: int = typer.Option(40), decoder_dim: int = typer.Option(DECODER_SIZES["small"]["dim"]),
+    decoder_heads: int = typer.Option(DECODER_SIZES["small"]["heads"]),
+    decoder_depth: int = typer.Option(DECODER_SIZES["small"]["decoder_depth"]),
+    encoder_depth: int = typer.Option(DECODER_SIZES["small"]["encoder_depth"]),
     decoder_batch: int = typer.Option(128, help="Decoder training batch size (dede-rt train --epochs auto: 64)."),
     decoder_lr_schedule: str = typer.Option("constant", help="Decoder LR schedule: constant or cosine (one warm-up "
                                             "epoch, cosine decay; dede-rt train's default with --epochs auto)."),

@@ -149,3 +149,10 @@ def test_decoder_has_no_qkv_bias_by_default_and_records_the_choice(tiny_detector
     assert read_manifest(tiny_detector_dir).decoder["qkv_bias"] is False
     assert not any("qkv.bias" in k for k in load_detector(tiny_detector_dir).decoder.state_dict())
     assert torch.is_tensor(load_detector(FIXTURES / "bundle_v1_summed").decoder.decoder_blocks[0].attn.qkv.bias)
+
+
+def test_manifest_knows_the_prototype_kinds_scoring_defines() -> None:
+    from dede_rt.bundle import manifest
+    from dede_rt.scoring import PROTOTYPE_KINDS
+
+    assert manifest.PROTOTYPE_KINDS == PROTOTYPE_KINDS

@@ -35,6 +35,10 @@ from dede_rt.bundle.thresholds import DEFAULT_FPR, Thresholds
 from dede_rt.errors import UserError
 from dede_rt.files import write_json_atomic
 
+# The score kinds whose bundles keep prototype embeddings (prototypes.npy): scoring.PROTOTYPE_KINDS, spelled
+# here so the manifest stays importable without torch (test_bundle_manifest checks that the two agree).
+PROTOTYPE_KINDS = ("relative", "combined")
+
 if TYPE_CHECKING:
     from dede_rt.data.images import Resize
 
@@ -153,7 +157,7 @@ class ScoreSpec:
     def to_dict(self) -> dict:
         """Plain-JSON form (prototype parameters only for the kinds that use prototypes)."""
         out: dict[str, Any] = {"kind": self.kind, "description": self.description}
-        if self.kind in ("relative", "combined"):
+        if self.kind in PROTOTYPE_KINDS:
             out.update(relative_k=self.relative_k, prototypes=self.prototypes)
         if self.kind == "combined":
             out["standardization"] = dict(self.standardization or {})
@@ -311,7 +315,7 @@ def fingerprint(bundle: str | Path, manifest: Manifest | None = None) -> dict:
             "test_mask_ratio": manifest.mask.test_ratio, "mask_seed": manifest.mask.test_seed,
             "score_kind": manifest.score.kind,
             **({"prototypes_sha256": sha256_file(prototypes), "relative_k": manifest.score.relative_k}
-               if manifest.score.kind in ("relative", "combined") and prototypes.is_file() else {}),
+               if manifest.score.kind in PROTOTYPE_KINDS and prototypes.is_file() else {}),
             **({"standardization": manifest.score.standardization} if manifest.score.kind == "combined" else {})}
 
 

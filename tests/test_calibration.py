@@ -172,3 +172,23 @@ def test_calibration_batches_hold_a_bounded_number_of_pixels(calibrated: tuple[P
     assert small["calibration_batch"] == 16 and large["calibration_batch"] == 96
     a, b = _activation_scales(tmp_path / "small.onnx"), _activation_scales(tmp_path / "large.onnx")
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+
+
+def test_every_precision_graph_passes_strict_shape_inference(calibrated: tuple[Path, dict]) -> None:
+    """The FP16 converter retyped the value_info of float32-kept initializers: strict inference refused the graph."""
+    bundle, _ = calibrated
+    for name in ("detector.onnx", "detector_int8.onnx", "detector_fp16.onnx"):
+        onnx.shape_inference.infer_shapes(onnx.load(str(bundle / "onnx" / name)), strict_mode=True)
+
+
+def test_fp16_graph_cuts_at_the_embedding(tiny_detector_dir: Path, tmp_path: Path) -> None:
+    """`dede-rt bench` times each precision's encoder alone: the cut runs shape inference on the FP16 graph."""
+    from dede_rt.calibration.quantize import convert_fp16
+    from dede_rt.export.cut import cut_encoder
+
+    bundle = tmp_path / "det"
+    shutil.copytree(tiny_detector_dir, bundle)
+    export_detector(bundle, exporter="dynamo", graphs=("detector",), verify=False)  # keeps parameter names
+    half = convert_fp16(bundle / "onnx" / "detector.onnx", tmp_path / "half.onnx")
+    cut = onnx.load(str(cut_encoder(tmp_path / "half.onnx", tmp_path / "encoder_fp16.onnx")))
+    assert half["nodes"] > len(cut.graph.node) > 0 and len(cut.graph.output) == 1

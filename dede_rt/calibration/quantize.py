@@ -271,6 +271,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
     model = onnx.load(str(fp32_path))
     keep_float = score_tail(model)[0]
     half = drop_cast_round_trips(convert_float_to_float16(model, keep_io_types=True, node_block_list=keep_float))
+    drop_initializer_value_info(half.graph)
     sort_topologically(half.graph)  # the converter appends its Casts; TensorRT's parser wants producers first
     onnx.checker.check_model(half)
     onnx.save(half, str(out_path))
@@ -304,6 +305,20 @@ def drop_cast_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in dead:
         graph.node.remove(node)
     return model
+
+
+def drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    """Remove value_info entries that describe initializers (in place).
+
+    The converter retypes every value_info entry to float16, also those of the initializers the block list keeps
+    float32 (the score tail's biases, the normalization constants); the contradiction fails strict shape
+    inference, which ``export.cut`` runs (``dede-rt bench``'s encoder-alone graph of the FP16 detector). An
+    initializer's type is its own, so such entries carry nothing.
+    """
+    inits = {t.name for t in graph.initializer}
+    keep = [v for v in graph.value_info if v.name not in inits]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
 
 
 def sort_topologically(graph: onnx.GraphProto) -> None:

@@ -260,12 +260,8 @@ class ScoreChunks:
         try:
             return {**self._chunk(row), "failed": None, "failure_detail": None}
         except Exception as exc:  # noqa: BLE001 - reported per partition, policy applied on the driver
-            key = {"partition": row["partition"], "chunk": row["chunk"], "last": row["last"]}
-            return {**key, "rows": 0, "scored": 0, "flagged": 0, "errors": 0, "infer_seconds": 0.0,
-                    "pid": os.getpid(), "max_rss_mb": _max_rss_mb(), "finished_at": time.time(),
-                    "actor_init_seconds": self.init_seconds, "decode_max_rss_mb": row.get("decode_max_rss_mb"),
-                    **self.meta, "failed": f"{type(exc).__name__}: {exc}",
-                    "failure_detail": traceback.format_exc(limit=20)}
+            return {**self._record(row, rows=0, scored=0, flagged=0, errors=0, infer_seconds=0.0),
+                    "failed": f"{type(exc).__name__}: {exc}", "failure_detail": traceback.format_exc(limit=20)}
 
     def _chunk(self, row: dict) -> dict:
         import pyarrow as pa
@@ -280,7 +276,7 @@ class ScoreChunks:
         t0 = time.perf_counter()
         rows = []
         for start in range(0, n, self.batch):
-            rows += s._score(pending[start:start + self.batch], row["first_offset"] + start, buffer)
+            rows += s.score_batch(pending[start:start + self.batch], row["first_offset"] + start, buffer)
         seconds = time.perf_counter() - t0
         self._inject(row)
         key = {"partition": row["partition"], "chunk": row["chunk"], "last": row["last"]}
@@ -295,10 +291,15 @@ class ScoreChunks:
         name = self.names.get_filename_for_block(pa.table({k: [v] for k, v in key.items()}))
         _write_part(join(self.out, name), table)
         scored = sum(r.score is not None for r in rows)
-        return {**key, "rows": n, "scored": scored, "flagged": sum(bool(r.flagged) for r in rows),
-                "errors": n - scored, "infer_seconds": seconds, "pid": os.getpid(), "max_rss_mb": _max_rss_mb(),
-                "finished_at": time.time(), "actor_init_seconds": self.init_seconds,
-                "decode_max_rss_mb": row.get("decode_max_rss_mb"), **self.meta}
+        return self._record(row, rows=n, scored=scored, flagged=sum(bool(r.flagged) for r in rows),
+                            errors=n - scored, infer_seconds=seconds)
+
+    def _record(self, row: dict, **counts: float) -> dict:
+        """The driver's record of one chunk: its key, ``counts``, and where and when it ran (success or failure)."""
+        return {"partition": row["partition"], "chunk": row["chunk"], "last": row["last"], **counts,
+                "pid": os.getpid(), "max_rss_mb": _max_rss_mb(), "finished_at": time.time(),
+                "actor_init_seconds": self.init_seconds, "decode_max_rss_mb": row.get("decode_max_rss_mb"),
+                **self.meta}
 
     def _inject(self, row: dict) -> None:
         """Test-only fault injection (``run(_fault=...)``): crash the actor once, or always raise, on a partition."""

@@ -198,7 +198,7 @@ class Scanner:
                 stats.wait_seconds += time.perf_counter() - t0
                 if not pending:
                     break
-                rows = self._score(pending, index, buffer)
+                rows = self.score_batch(pending, index, buffer)
                 index += len(rows)
                 stats.inputs += len(rows)
                 stats.seconds = time.perf_counter() - stats.started
@@ -206,8 +206,9 @@ class Scanner:
                 pending, want = [], self.batch_size
         stats.seconds = time.perf_counter() - stats.started
 
-    def _score(self, pending: list[tuple[Item, np.ndarray | None, str | None]], index: int,
-               buffer: np.ndarray) -> list[ScanResult]:
+    def score_batch(self, pending: list[tuple[Item, np.ndarray | None, str | None]], index: int,
+                    buffer: np.ndarray) -> list[ScanResult]:
+        """Rows for decoded ``pending`` (item, image or None, error) numbered from ``index``; ``buffer``: batch scratch."""
         ok = [i for i, (_, image, _) in enumerate(pending) if image is not None]
         scores = np.empty(0, np.float32)
         if ok:

@@ -34,7 +34,7 @@ from dede_rt.data.triggers import white_square
 from dede_rt.demo import TARGET_CLASS, DemoSettings, demo_splits
 from dede_rt.metrics import detection_report
 from dede_rt.models.encoders import load_encoder
-from dede_rt.training import TrainConfig, compute_embeddings, train_detector
+from dede_rt.training import TrainConfig, compute_embeddings, standardized, train_detector
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -96,10 +96,14 @@ def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, da
     labels = np.r_[np.zeros(len(clean), int), np.ones(len(triggered), int)]
     report = detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01))
     views = {}
-    if det.score_kind != "summed":  # the same decoder's summed error, thresholded on the same held-out images
+    hold = data.images[cal_idx]
+    if det.score_kind != "summed":  # the same decoder's other kinds, thresholded on the same held-out images
         summed = replace(det, prototype_embeddings=None, relative_k=0, standardization=None)
-        threshold = threshold_at_fpr(summed.score(data.images[cal_idx]), 0.01)
-        views["summed_view"] = detection_report(labels, np.r_[summed.score(clean), summed.score(triggered)], threshold)
+        combined = standardized(replace(det, standardization=None), hold)  # scales from those images too
+        for name, view in (("summed_view", summed), ("combined_view", combined)):
+            if view.score_kind != det.score_kind:
+                threshold = threshold_at_fpr(view.score(hold), 0.01)
+                views[name] = detection_report(labels, np.r_[view.score(clean), view.score(triggered)], threshold)
     q = det.sections["quality"]
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
     row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed,

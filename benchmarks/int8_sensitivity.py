@@ -22,13 +22,13 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from dede_rt.calibration.gate import quality_gate
+from dede_rt.calibration.mixed import images_per_second
 from dede_rt.calibration.quantize import QUANTIZED_OPS, encoder_weight_nodes, quantize_int8
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.data.transforms import Normalization
@@ -93,30 +93,6 @@ def evaluate(path: Path, precision: str, sets: Sets, ref: dict | None) -> dict:
     return {"row": row, "scores": got}
 
 
-def throughput(paths: dict[str, Path], batch: int = 32, seconds: float = 1.5, rounds: int = 3) -> dict[str, float]:
-    """Images/s of each graph at ``batch`` (2 threads), timed round-robin, best round."""
-    import onnxruntime as ort
-
-    x = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x}
-        session.run(None, feed)
-        sessions[name] = (session, feed)
-    best = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                session.run(None, feed)
-                n += batch
-            best[name] = max(best[name], n / (time.perf_counter() - t0))
-    return {k: round(v, 1) for k, v in best.items()}
-
-
 def main() -> None:
     """Run every row and write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +135,9 @@ def main() -> None:
     for k in range(1, min(args.max_float, len(layers)) + 1):
         row = int8_row(f"mixed: {k} most costly layers float", "mixed", keep_float=tuple(ranked[:k]))
         row["float_layers"] = ranked[:k]
-    speed = throughput({r["variant"]: graphs[r["variant"]] for r in rows if r.get("kind") != "one layer"})
+    batch = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)  # batch 32, 2 threads
+    speed = images_per_second({r["variant"]: graphs[r["variant"]] for r in rows if r.get("kind") != "one layer"},
+                              batch, seconds=1.5, threads=2)
     for r in rows:
         r["images_per_second"] = speed.get(r["variant"])
     args.out.write_text(json.dumps({

@@ -102,3 +102,16 @@ def test_calibrate_records_the_search_when_int8_fails_its_gate(exported, tmp_pat
     off = calibrate_detector(copy, clean, triggered=triggered, count=len(ranges), precisions=("int8",),
                              tol=NEVER, warn=lambda _: None, mixed=False)
     assert "mixed_precision" not in off["int8"]["conversion"] and not off["int8"]["gate"]["passed"]
+
+
+def test_search_is_skipped_for_too_few_triggered_examples_or_too_many_layers(exported, tmp_path: Path) -> None:
+    bundle, ranges, held, triggered = exported
+    fp32 = bundle / "onnx" / "detector.onnx"
+    scores = lambda p, x: _scores(p, 32, "int8", x)  # noqa: E731
+    few = search_mixed(fp32, tmp_path / "a.onnx", ranges, held, triggered[:5], scores, headroom=2.0,
+                       project_weight=_project_weight(bundle))
+    many = search_mixed(fp32, tmp_path / "b.onnx", ranges, held, triggered, scores, headroom=2.0,
+                        project_weight=_project_weight(bundle), max_layers=1)
+    for result, reason in ((few, "triggered examples"), (many, "encoder layers")):
+        assert not result.found and not result.tries and reason in result.skipped
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()

@@ -33,6 +33,8 @@ from dede_rt.calibration.quantize import QUANTIZED_OPS, encoder_weight_nodes, qu
 from dede_rt.metrics import detection_report
 
 Scores = Callable[[Path, np.ndarray], np.ndarray]  # (graph path, images) -> scores
+MAX_LAYERS = 32  # one quantization per layer: seconds each at 32 px, minutes at 224 px (a ResNet-50 has 53)
+MIN_TRIGGERED = 20  # both halves need triggered examples enough to measure an AUROC
 
 
 @dataclass
@@ -45,6 +47,7 @@ class MixedResult:
     tries: list[dict] = field(default_factory=list)
     images_per_second: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped: str | None = None  # why no search ran
 
     @property
     def found(self) -> bool:
@@ -54,7 +57,8 @@ class MixedResult:
     def to_dict(self) -> dict:
         """Plain-JSON form (the conversion record of the manifest)."""
         return {"float_layers": self.float_layers, "found": self.found, "layer_auroc_cost": self.layer_cost,
-                "tries": self.tries, "images_per_second": self.images_per_second, "seconds": round(self.seconds, 1)}
+                "tries": self.tries, "images_per_second": self.images_per_second, "seconds": round(self.seconds, 1),
+                "skipped": self.skipped}
 
 
 def split_triggered(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +99,7 @@ def images_per_second(paths: dict[str, Path], images: np.ndarray, seconds: float
 def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.ndarray, triggered: np.ndarray,
                  scores: Scores, *, method: str = "minmax", headroom: float, max_float: int | None = None,
                  tol: GateTolerance = GateTolerance(), fpr: float = 0.01, require_faster: bool = True,
-                 project_weight: np.ndarray | None = None) -> MixedResult:
+                 project_weight: np.ndarray | None = None, max_layers: int = MAX_LAYERS) -> MixedResult:
     """Find the fewest float encoder layers with which the INT8 graph passes the labelled gate (see the module doc).
 
     ``ranges``: the clean images that set the INT8 ranges (part of the selection set); ``held``: the gate's
@@ -104,6 +108,8 @@ def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.n
     ``fpr``: the gate's thresholds (FP32's and the mixed graph's, each on the held-out clean scores).
     ``require_faster``: keep a passing graph only if it outruns FP32 here (False: keep it regardless; tests).
     ``project_weight``: the decoder's projection weight (finds the embedding in TorchScript-exported graphs).
+    No search (``skipped`` says why) for encoders of more than ``max_layers`` layers or fewer than
+    ``MIN_TRIGGERED`` triggered examples.
     """
     from dede_rt.bundle.thresholds import threshold_at_fpr
 
@@ -112,6 +118,11 @@ def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.n
     layers = encoder_weight_nodes(model, project_weight)
     quantizable = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
     max_float = max(1, len(layers) // 2) if max_float is None else max_float
+    if len(layers) > max_layers:
+        return MixedResult([], None, skipped=f"{len(layers)} encoder layers > {max_layers}: one quantization each "
+                                             "would take too long")
+    if len(triggered) < MIN_TRIGGERED:
+        return MixedResult([], None, skipped=f"{len(triggered)} triggered examples < {MIN_TRIGGERED}")
     sel_idx, gate_idx = split_triggered(len(triggered))
     sel_clean, sel_trig = ranges, triggered[sel_idx]
     ref_sel = _auroc(scores(fp32_path, sel_clean), scores(fp32_path, sel_trig))

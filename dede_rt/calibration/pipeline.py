@@ -106,6 +106,8 @@ def calibrate_detector(bundle: str | Path, clean: np.ndarray, labels: np.ndarray
                                  method=method, headroom=headroom, tol=tol, fpr=default_fpr,
                                  project_weight=_project_weight(bundle))
             conversion["mixed_precision"] = found.to_dict()
+            if found.skipped:
+                warn(f"no mixed-precision search: {found.skipped}")
             if found.found:  # the search's gate: held-out clean + the triggered half it did not choose layers on
                 gate = found.gate
                 conversion["keep_float"] = found.float_layers

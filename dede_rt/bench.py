@@ -34,7 +34,9 @@ DEFAULT_VARIANTS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", 
 
 
 @dataclass
-class _Timing:
+class Timing:
+    """Per-batch latencies and images of one variant, summed over the rounds."""
+
     latencies: list[float] = field(default_factory=list)
     images: int = 0
     gpu: list[float] = field(default_factory=list)
@@ -158,7 +160,7 @@ def build_bench_bundle(out: str | Path, arch: str = "resnet18", seed: int = 0, c
     return out
 
 
-def _measure(runner, images: np.ndarray, batch: int, seconds: float, timing: _Timing, min_iters: int = 2) -> None:
+def measure(runner, images: np.ndarray, batch: int, seconds: float, timing: Timing, min_iters: int = 2) -> None:
     """Run ``runner`` on consecutive batches for about ``seconds`` (after one warm-up batch)."""
     n = len(images)
     runner.infer(images[:batch])  # warm-up: allocator, thread pool, lazy kernels
@@ -175,7 +177,7 @@ def _measure(runner, images: np.ndarray, batch: int, seconds: float, timing: _Ti
         i += 1
 
 
-def _row(backend: str, precision: str, batch: int, t: _Timing, device: str) -> dict:
+def _row(backend: str, precision: str, batch: int, t: Timing, device: str) -> dict:
     lat = np.asarray(t.latencies) * 1e3
     wall = float(np.sum(t.latencies))
     row = {"backend": backend, "precision": precision, "batch": batch, "device": device,
@@ -327,17 +329,17 @@ def _run_benchmark(bundle: Path, images: np.ndarray, batches: tuple[int, ...], v
     for key, runner in runners.items():
         c = compare_scores(ref, run_batched(runner, probe))
         agreement[key] = {"max_rel_diff_vs_torch": c.max_rel_diff, "spearman_vs_torch": c.spearman}
-    timings = {(k, b): _Timing() for k in runners for b in batches}
+    timings = {(k, b): Timing() for k in runners for b in batches}
     cut_dir = tempfile.TemporaryDirectory(prefix="dede-rt-bench-")
     encoders = encoder_alone_runners(bundle, runners, threads, Path(cut_dir.name), log)
-    enc_timings = {(k, b): _Timing() for k in encoders for b in batches}
+    enc_timings = {(k, b): Timing() for k in encoders for b in batches}
     started = time.perf_counter()
     for r in range(rounds):
         for key, runner in runners.items():
             for batch in batches:
-                _measure(runner, images, batch, seconds, timings[(key, batch)])
+                measure(runner, images, batch, seconds, timings[(key, batch)])
                 if key in encoders:  # its encoder alone right after it, so both see the same load
-                    _measure(encoders[key], images, batch, seconds, enc_timings[(key, batch)])
+                    measure(encoders[key], images, batch, seconds, enc_timings[(key, batch)])
         log(f"round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
     kind = device_kind()
     rows = []

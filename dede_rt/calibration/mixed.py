@@ -15,7 +15,7 @@ The search, on data the gate does not judge on:
    layer; seconds each on CIFAR-sized encoders);
 3. leave the 1, 2, ... ``max_float`` most costly layers float, the rest INT8 as usual, until the gate passes;
 4. keep it only if ONNX Runtime on this machine runs it faster than FP32 (Q/DQ transitions between float and
-   INT8 layers cost: on the demo detector, graphs with 1-3 float layers ran 0.9-1.2x FP32 across two runs).
+   INT8 layers cost: on the demo detector, graphs with 1-4 float layers ran 0.9-1.45x FP32 across three runs).
 """
 
 from __future__ import annotations
@@ -75,24 +75,21 @@ def _auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
 def images_per_second(paths: dict[str, Path], images: np.ndarray, seconds: float = 0.5, rounds: int = 3,
                       threads: int = 0) -> dict:
     """ORT CPU throughput of each graph on one batch of ``images``, timed round-robin, best round (0 threads: ORT's)."""
-    import onnxruntime as ort
+    from contextlib import ExitStack
 
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: images}
-        session.run(None, feed)  # warm-up
-        sessions[name] = (session, feed)
+    from dede_rt.bench import Timing, measure  # dede-rt bench's own timing loop
+    from dede_rt.engines.onnxruntime_runner import OnnxRuntimeRunner
+
     best = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):
-        for name, (session, feed) in sessions.items():
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                session.run(None, feed)
-                n += len(images)
-            best[name] = max(best[name], n / (time.perf_counter() - t0))
+    with ExitStack() as stack:
+        runners = {name: stack.enter_context(OnnxRuntimeRunner(path, images.shape[1], threads=threads,
+                                                               providers=["CPUExecutionProvider"]))
+                   for name, path in paths.items()}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                timing = Timing()
+                measure(runner, images, len(images), seconds, timing)
+                best[name] = max(best[name], timing.images / sum(timing.latencies))
     return {k: round(v, 1) for k, v in best.items()}
 
 

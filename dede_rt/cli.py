@@ -333,17 +333,24 @@ def calibrate(
     seed: int = typer.Option(0),
     mixed: bool = typer.Option(True, help="With --triggered, when INT8 fails its gate: leave the encoder layers "
                                "that cost most AUROC float until it passes (kept only if faster than FP32)."),
+    max_auroc_drop: Optional[float] = typer.Option(None, help="With --triggered: the most AUROC a precision may "
+                                                   "lose against FP32 and pass its gate (default 0.005)."),
+    max_tpr_drop: Optional[float] = typer.Option(None, help="With --triggered: the most TPR at its calibrated "
+                                                 "threshold a precision may lose against FP32 (default 0.02)."),
 ) -> None:
     """Build INT8 (Q/DQ) and FP16 ONNX variants, gate their detection quality against FP32, re-choose thresholds."""
     from dede_rt.bundle import fpr_key
     from dede_rt.optional import require_onnx_export
 
     require_onnx_export("dede-rt calibrate")  # before calibration.pipeline, which imports onnx at module level
+    from dede_rt.calibration.gate import GateTolerance
     from dede_rt.calibration.pipeline import calibrate_paths
 
+    given = {"auroc_drop": max_auroc_drop, "tpr_drop": max_tpr_drop}
+    tol = GateTolerance(**{k: v for k, v in given.items() if v is not None})
     results = calibrate_paths(detector, data, triggered=triggered, count=count, seed=seed,
                               precisions=_csv(precision), method=method, max_images=max_images,
-                              warn=lambda m: typer.echo(m, err=True), mixed=mixed,
+                              warn=lambda m: typer.echo(m, err=True), mixed=mixed, tol=tol,
                               **({} if headroom is None else {"headroom": headroom}))
     for name, entry in results.items():
         gate, fpr = entry["gate"], entry["threshold_fpr"]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from dede_rt.calibration.gate import GateTolerance, quality_gate
+from dede_rt.calibration.gate import GateTolerance, auroc_drop_bound, quality_gate
 from dede_rt.calibration.pipeline import calibrate_detector
 from dede_rt.calibration.sets import split_calibration
 from dede_rt.data.triggers import white_square
@@ -43,6 +43,21 @@ def test_gate_modes() -> None:
     noisy = val + rng.normal(scale=2.0, size=600)
     gate = quality_gate(ref, noisy[:500], 1.0, 1.0, labels, val, noisy)
     assert gate["mode"] == "labelled" and not gate["passed"] and gate["auroc_drop"] > 0.01
+
+
+
+def test_auroc_drop_bound_is_paired_seeded_and_above_the_measured_drop() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(300, int), np.ones(300, int)]
+    ref = labels * 2.0 + rng.normal(size=600)
+    assert auroc_drop_bound(labels, ref, ref.copy()) == 0.0  # paired: the same scores never differ
+    got = ref + rng.normal(scale=1.0, size=600)  # a noisier graph: a real drop
+    drop = roc_auc_score(labels, ref) - roc_auc_score(labels, got)
+    low, high = auroc_drop_bound(labels, ref, got, 0.1), auroc_drop_bound(labels, ref, got, 0.9)
+    assert drop > 0.01 and low < drop < high
+    assert high == auroc_drop_bound(labels, ref, got, 0.9)  # seeded
 
 
 @pytest.fixture(scope="module")

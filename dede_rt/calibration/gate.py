@@ -22,7 +22,7 @@ class GateTolerance:
     """How much worse than FP32 a lower precision may be."""
 
     min_spearman: float = 0.99
-    auroc_drop: float = 0.01
+    auroc_drop: float = 0.005
     tpr_drop: float = 0.02
 
     def to_dict(self) -> dict:
@@ -57,3 +57,24 @@ def quality_gate(ref_clean: np.ndarray, got_clean: np.ndarray, ref_threshold: fl
         out["summary"] = (f"Spearman {rho:.4f} on {len(ref_clean)} clean images (>= {tol.min_spearman}); "
                           "no labelled set, so TPR was not checked")
     return out
+
+
+def auroc_drop_bound(labels: np.ndarray, ref_val: np.ndarray, got_val: np.ndarray, confidence: float = 0.9,
+                     rounds: int = 200, seed: int = 0) -> float:
+    """Upper ``confidence`` bound of FP32's AUROC minus the other's: a paired, class-stratified bootstrap.
+
+    Why: a search that tries graph after graph on one small labelled set stops at the first whose measured
+    drop falls under the tolerance, so it picks noise that favours it (on the demo victim a 470-image gate set
+    measured 0.003 where the test split then lost 0.009). Requiring the bound, not the point, to be within
+    tolerance pays for that selection.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    neg, pos = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    rng = np.random.default_rng(seed)
+    drops = np.empty(rounds)
+    for i in range(rounds):  # the same resample for both graphs: the drop's spread, not each AUROC's
+        idx = np.r_[rng.choice(neg, len(neg)), rng.choice(pos, len(pos))]
+        drops[i] = roc_auc_score(labels[idx], ref_val[idx]) - roc_auc_score(labels[idx], got_val[idx])
+    return float(np.quantile(drops, confidence))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dede_rt.calibration.gate import GateTolerance, quality_gate
+from dede_rt.calibration.gate import GateTolerance, auroc_drop_bound, quality_gate
 from dede_rt.calibration.quantize import QUANTIZED_OPS, encoder_weight_nodes, quantize_int8
 from dede_rt.metrics import detection_report
 
@@ -96,7 +96,8 @@ def images_per_second(paths: dict[str, Path], images: np.ndarray, seconds: float
 def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.ndarray, triggered: np.ndarray,
                  scores: Scores, *, method: str = "minmax", headroom: float, max_float: int | None = None,
                  tol: GateTolerance = GateTolerance(), fpr: float = 0.01, require_faster: bool = True,
-                 project_weight: np.ndarray | None = None, max_layers: int = MAX_LAYERS) -> MixedResult:
+                 project_weight: np.ndarray | None = None, max_layers: int = MAX_LAYERS,
+                 confidence: float = 0.9) -> MixedResult:
     """Find the fewest float encoder layers with which the INT8 graph passes the labelled gate (see the module doc).
 
     ``ranges``: the clean images that set the INT8 ranges (part of the selection set); ``held``: the gate's
@@ -105,6 +106,8 @@ def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.n
     ``fpr``: the gate's thresholds (FP32's and the mixed graph's, each on the held-out clean scores).
     ``require_faster``: keep a passing graph only if it outruns FP32 here (False: keep it regardless; tests).
     ``project_weight``: the decoder's projection weight (finds the embedding in TorchScript-exported graphs).
+    ``confidence``: a try passes only if its gate passes and the bootstrap upper ``confidence`` bound of its
+    AUROC drop (``gate.auroc_drop_bound``) is within ``tol.auroc_drop`` too (0: the measured drop alone).
     No search (``skipped`` says why) for encoders of more than ``max_layers`` layers or fewer than
     ``MIN_TRIGGERED`` triggered examples.
     """
@@ -143,6 +146,11 @@ def search_mixed(fp32_path: Path, out_path: Path, ranges: np.ndarray, held: np.n
         got_clean = got_val[: len(held)]
         gate = quality_gate(ref_val[: len(held)], got_clean, ref_threshold, threshold_at_fpr(got_clean, fpr),
                             labels, ref_val, got_val, tol)
+        if confidence:  # the k-th try on the same set: its measured drop is a selected one (see the bound's doc)
+            bound = auroc_drop_bound(labels, ref_val, got_val, confidence)
+            gate.update(auroc_drop_bound=bound, bound_confidence=confidence,
+                        passed=gate["passed"] and bound <= tol.auroc_drop,
+                        summary=f"{gate['summary']}, AUROC drop <= {bound:.4f} at {confidence:.0%}")
         result.tries.append({"float_layers": k, "passed": gate["passed"], "summary": gate["summary"]})
         if gate["passed"]:
             result.images_per_second = images_per_second({"fp32": fp32_path, "mixed": trial}, held[:32])

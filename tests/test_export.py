@@ -81,6 +81,53 @@ def test_nchw_and_split_graphs_agree_with_fused(exported: Path, demo_images) -> 
     np.testing.assert_allclose(split, fused, rtol=1e-5)
 
 
+
+@pytest.fixture(scope="module")
+def exported_two_blocks(tiny_detector_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny detector with a second decoder block (random init), its TensorRT graph exported."""
+    from dataclasses import replace
+
+    from dede_rt.models.decoder import DeDeDecoder
+
+    det = load_detector(tiny_detector_dir)
+    torch.manual_seed(0)
+    decoder = DeDeDecoder(replace(det.decoder.config, decoder_depth=2)).eval()
+    out = tmp_path_factory.mktemp("export2") / "det"
+    replace(det, decoder=decoder).save(out)
+    export_detector(out, exporter="torchscript", graphs=("detector_nchw",), verify=False)
+    return out
+
+
+def test_tensorrt_graph_keeps_the_patterns_its_builder_fuses(exported_two_blocks: Path) -> None:
+    """detector_nchw.onnx (TensorRT's input) stays in the standard domain with the op patterns TensorRT fuses.
+
+    ORT's contrib fusions (MultiHeadAttention, BiasGelu) belong to detector.onnx only: TensorRT's parser has no
+    com.microsoft ops. Its own fusions need each norm as one LayerNormalization (opset >= 17; not decomposed
+    into ReduceMean/Sub/Pow), GELU as Erf, and every full attention as MatMul -> Softmax -> MatMul on
+    activations. Structure only: whether the builder fused them was not run here (no TensorRT).
+    """
+    exported = exported_two_blocks
+    model = onnx.load(str(exported / "onnx" / "detector_nchw.onnx"))
+    nodes, det = model.graph.node, load_detector(exported)
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    norms = sum(1 for m in det.decoder.modules() if isinstance(m, torch.nn.LayerNorm))
+    ops = [n.op_type for n in nodes]
+    assert 1 <= ops.count("LayerNormalization") <= norms and "Erf" in ops
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name for t in model.graph.initializer}
+    full = [n for n in nodes if n.op_type == "Softmax" and producer[n.input[0]].op_type == "MatMul"]
+    # decoder block 1 is folded (its keys are constants); the blocks after it are full attention
+    assert len(full) == det.decoder.config.decoder_depth - 1
+    for softmax in full:
+        qk, after = producer[softmax.input[0]], consumers[softmax.output[0]]
+        assert not set(qk.input) & inits and [c.op_type for c in after] == ["MatMul"]
+
+
 def test_visible_patches_are_a_constant_mask(tiny_detector_dir: Path, tmp_path: Path, demo_images) -> None:
     """At a test mask ratio that keeps patches visible, the seeded shared mask is baked in and still matches."""
     from dede_rt.export.onnx_export import _export_module

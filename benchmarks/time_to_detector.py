@@ -75,6 +75,15 @@ def _auroc_tracker(encoder_path: Path, l2: bool, norm: Normalization, clean: np.
     return hook, points, spent
 
 
+def _with_prototypes(det, train_images: np.ndarray, seed: int):
+    """A summed-score detector given train_detector's default relative-score prototypes and k."""
+    from dede_rt.scoring import PROTOTYPES, RELATIVE_K, prototype_indices
+
+    idx = prototype_indices(len(train_images), PROTOTYPES, seed)
+    proto = compute_embeddings(det.encoder, det.normalization, train_images[idx]).astype(np.float32)
+    return replace(det, prototype_embeddings=proto, relative_k=min(RELATIVE_K, len(proto)))
+
+
 def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, data, train_idx, cal_idx,
             clean: np.ndarray, triggered: np.ndarray, norm: Normalization, every: int, seed: int) -> dict:
     """Train one detector as the product does and report its quality and timing."""
@@ -97,13 +106,16 @@ def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, da
     report = detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01))
     views = {}
     hold = data.images[cal_idx]
-    if det.score_kind != "summed":  # the same decoder's other kinds, thresholded on the same held-out images
-        summed = replace(det, prototype_embeddings=None, relative_k=0, standardization=None)
-        combined = standardized(replace(det, standardization=None), hold)  # scales from those images too
-        for name, view in (("summed_view", summed), ("combined_view", combined)):
-            if view.score_kind != det.score_kind:
-                threshold = threshold_at_fpr(view.score(hold), 0.01)
-                views[name] = detection_report(labels, np.r_[view.score(clean), view.score(triggered)], threshold)
+    # The same decoder's other kinds, thresholded on the same held-out images, so rows compare like for like
+    # (the reference trains the paper's summed score; its relative view uses the default prototypes and k).
+    relative = det if det.score_kind != "summed" else _with_prototypes(det, data.images[train_idx], seed)
+    summed = replace(relative, prototype_embeddings=None, relative_k=0, standardization=None)
+    combined = standardized(replace(relative, standardization=None), hold)  # scales from those images too
+    for name, view in (("summed_view", summed), ("relative_view", replace(relative, standardization=None)),
+                       ("combined_view", combined)):
+        if view.score_kind != det.score_kind:
+            threshold = threshold_at_fpr(view.score(hold), 0.01)
+            views[name] = detection_report(labels, np.r_[view.score(clean), view.score(triggered)], threshold)
     q = det.sections["quality"]
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
     row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed,

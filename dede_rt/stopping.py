@@ -13,7 +13,6 @@ DEFAULT_MAX_MINUTES = 10.0  # --epochs auto without --max-minutes: a detector in
 AUTO_MAX_EPOCHS = 200  # --epochs auto never trains longer than the reference schedule
 PATIENCE = 5  # epochs without improvement before --epochs auto stops
 MIN_DELTA = 0.002  # an improvement is a held-out error at least 0.2 % below the best so far
-SETTLE_EPOCHS = 3  # a budgeted plan may still grow until this many epochs after the call's first are timed
 
 
 @dataclass(frozen=True)
@@ -35,18 +34,6 @@ class Budget:
         left = self.max_seconds - spent - reserve
         more = math.floor(left / epoch_seconds) if epoch_seconds > 0 else self.max_epochs
         return max(1, done, min(self.max_epochs, done + max(0, more)))
-
-    def replan(self, planned: int, *, done: int, recent_epoch_seconds: float, spent: float, reserve: float,
-               settling: bool = False) -> int:
-        """The plan after epoch ``done`` at the recent pace: fewer epochs when it no longer fits ``planned``.
-
-        While ``settling`` (the SETTLE_EPOCHS epochs after a call's timed first one) the plan may also grow: the timed first
-        epoch can be slower than the ones after it (warm-up), and a plan made from it alone ended runs up to a
-        fifth of the budget early. After that it only shrinks, so a schedule planned over the epochs (cosine)
-        never jumps back once it has decayed noticeably.
-        """
-        fits = self.epochs(done=done, epoch_seconds=recent_epoch_seconds, spent=spent, reserve=reserve)
-        return fits if settling else min(planned, fits)
 
     def allows_another(self, *, epoch_seconds: float, spent: float, reserve: float) -> bool:
         """Whether one more epoch of ``epoch_seconds`` still ends within the budget."""

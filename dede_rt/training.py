@@ -29,8 +29,7 @@ from dede_rt.models.decoder import DecoderConfig, DeDeDecoder, patchify_images
 from dede_rt.models.decoder_sizes import DEFAULT_DECODER_SIZE, decoder_shape, size_name
 from dede_rt.models.encoders import VictimEncoder, load_encoder
 from dede_rt.scoring import PROTOTYPES, prototype_indices, reconstruction_loss
-from dede_rt.stopping import (AUTO_MAX_EPOCHS, DEFAULT_MAX_MINUTES, MIN_DELTA, PATIENCE, SETTLE_EPOCHS, Budget,
-                              EarlyStopping)
+from dede_rt.stopping import AUTO_MAX_EPOCHS, DEFAULT_MAX_MINUTES, MIN_DELTA, PATIENCE, Budget, EarlyStopping
 
 if TYPE_CHECKING:
     from dede_rt.bundle import Detector
@@ -427,12 +426,12 @@ def train_decoder(
             bar.set_total(planned)
             say(_plan_line(planned, epoch, epoch_times[-1], result.eta_seconds, budget, stopper))
         elif budget.max_seconds is not None and epoch < planned:
-            # Later epochs can run slower than the timed first one (load, caches): shrink the plan to what still
-            # fits at the recent pace, so the budget does not cut a cosine schedule before it has decayed; or
-            # faster (the first one warms up): then, in the first epochs only, grow it to fill the budget.
-            recent = epoch_times[1:][-3:]  # the pace after the timed first epoch
-            fits = budget.replan(planned, done=epoch, recent_epoch_seconds=sum(recent) / len(recent), spent=spent,
-                                 reserve=reserve_seconds, settling=len(epoch_times) <= SETTLE_EPOCHS + 1)
+            # Re-plan at the mean pace of the epochs after the timed first one: the first can be slower (warm-up)
+            # or faster than the rest, and a plan that could only shrink ratcheted down to the slowest stretch of
+            # a noisy machine (runs ended up to a fifth of the budget early). A mean over all of them moves the
+            # plan by an epoch or two late in a run, so a cosine schedule still decays to zero on time.
+            pace = sum(epoch_times[1:]) / (len(epoch_times) - 1)
+            fits = budget.epochs(done=epoch, epoch_seconds=pace, spent=spent, reserve=reserve_seconds)
             if fits != planned:
                 planned = fits
                 bar.set_total(planned)

@@ -12,7 +12,7 @@ from dede_rt.data.transforms import Normalization
 from dede_rt.errors import UserError
 from dede_rt.models.decoder import DecoderConfig
 from dede_rt.models.encoders import load_encoder
-from dede_rt.stopping import AUTO_MAX_EPOCHS, SETTLE_EPOCHS, Budget, EarlyStopping
+from dede_rt.stopping import AUTO_MAX_EPOCHS, Budget, EarlyStopping
 from dede_rt.training import (AUTO_BATCH_SIZE, AUTO_LR_SCHEDULE, REFERENCE_BATCH_SIZE, HeldOutError, TrainConfig,
                               compute_embeddings, train_decoder)
 
@@ -27,15 +27,6 @@ def test_budget_plans_whole_epochs_in_what_is_left():
     assert budget.epochs(done=1, epoch_seconds=30.0, spent=700.0, reserve=5.0) == 1  # over budget: what is done
     assert Budget(None, 40).epochs(done=1, epoch_seconds=1e6, spent=1e6, reserve=0) == 40  # no budget: the cap
     assert budget.allows_another(epoch_seconds=10.0, spent=585.0, reserve=5.0)
-    # re-planning after epoch 40 of a 100-epoch plan: slower epochs (7 s, 280 s left -> 40 more) shrink it,
-    # faster ones never grow it once the plan has settled
-    assert budget.replan(100, done=40, recent_epoch_seconds=7.0, spent=315.0, reserve=5.0) == 80
-    assert budget.replan(100, done=40, recent_epoch_seconds=1.0, spent=315.0, reserve=5.0) == 100
-    # while settling (epochs 2-4) faster epochs than the timed first one grow it to fill the budget:
-    # 72 planned from an 8 s first epoch, then 6.5 s epochs: 3 done at 30 s, 565 s left -> 86 more
-    assert budget.replan(72, done=3, recent_epoch_seconds=6.5, spent=30.0, reserve=5.0, settling=True) == 89
-    assert budget.replan(72, done=3, recent_epoch_seconds=9.0, spent=30.0, reserve=5.0, settling=True) == 65
-    assert budget.replan(100, done=40, recent_epoch_seconds=7.0, spent=700.0, reserve=5.0) == 40  # no time left
     assert not budget.allows_another(epoch_seconds=10.0, spent=586.0, reserve=5.0)
     config = TrainConfig()
     assert config.auto and config.budget() == Budget(600.0, AUTO_MAX_EPOCHS)
@@ -84,27 +75,26 @@ def _weights(decoder) -> torch.Tensor:
 def test_trainer_plans_from_its_first_epoch_and_keeps_within_the_plan(setup, monkeypatch):
     enc, norm, imgs, hold = setup
     calls = []
-    replan = Budget.replan
+    plan = Budget.epochs
 
-    def recording(self, planned, **kw):
-        calls.append((kw["done"], kw["settling"], kw["recent_epoch_seconds"]))
-        return replan(self, planned, **kw)
+    def recording(self, **kw):
+        calls.append((kw["done"], kw["epoch_seconds"]))
+        return plan(self, **kw)
 
-    monkeypatch.setattr(Budget, "replan", recording)
+    monkeypatch.setattr(Budget, "epochs", recording)
     config = TrainConfig(batch_size=32, seed=5, max_minutes=0.05, precision="fp32")  # 3 s in all
     result = train_decoder(enc, norm, imgs, DCONF, config, progress=False, holdout=hold, reserve_seconds=0.5)
     first = result.curve[0]
     # The plan is the budget's arithmetic over what was measured, not a clock read in the test.
-    expected = config.budget().epochs(done=1, epoch_seconds=first["seconds"], spent=result.plan_made_at, reserve=0.5)
+    expected = plan(config.budget(), done=1, epoch_seconds=first["seconds"], spent=result.plan_made_at, reserve=0.5)
     assert result.first_planned_epochs == expected
     assert 1 <= result.epochs_run <= result.planned_epochs
-    # re-planned after every later epoch from the pace after the timed first one; it may grow only while settling
+    # then re-planned after every later epoch at the mean pace of the epochs after the timed first one
     seconds = [c["seconds"] for c in result.curve]
-    for done, settling, pace in calls:
-        assert settling == (done <= 1 + SETTLE_EPOCHS)
-        recent = seconds[1:done][-3:]
-        assert pace == pytest.approx(sum(recent) / len(recent))
-    assert [done for done, _, _ in calls] == list(range(2, 2 + len(calls)))  # every epoch after the first
+    assert calls[0] == (1, seconds[0])
+    assert [done for done, _ in calls[1:]] == list(range(2, 1 + len(calls)))
+    for done, pace in calls[1:]:
+        assert pace == pytest.approx(sum(seconds[1:done]) / (done - 1))
     if result.stopped == "planned":
         assert result.epochs_run == result.planned_epochs
     assert result.stopped in ("planned", "budget", "early_stop")

@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dede-victims-224"))
     parser.add_argument("--simclr-epochs", type=int, default=15)
-    parser.add_argument("--badencoder-epochs", type=int, default=60)
+    parser.add_argument("--badencoder-epochs", type=int, default=120)  # 60 gave ASR 0.69, 120 ASR 1.0
     parser.add_argument("--target", type=int, default=0, help="target photo (class index)")
     parser.add_argument("--rows", default="badencoder:raw,badencoder:l2,clean:raw,clean:l2",
                         help="ENCODER:FORM detectors to train (encoders badencoder, clean; forms raw, l2)")

@@ -172,3 +172,22 @@ def test_onnx_encoder_is_spliced_not_reexported(tmp_path: Path, demo_images) -> 
     got = _session(bundle / "onnx" / "detector.onnx").run(None, {"images": images})[0]
     cmp = compare_scores(det.score(images), got)
     assert cmp.max_rel_diff < 1e-4, cmp
+
+
+def test_a_fusion_that_breaks_the_graph_is_dropped(tiny_detector_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """ORT's optimizer output is kept only if ORT loads it and it scores like the plain graph; else the plain one."""
+    import dede_rt.export.onnx_export as onnx_export
+
+    def broken(src, dst, *args, **kwargs):  # an optimizer that writes a graph ORT refuses (as it did for OpenCLIP)
+        model = onnx.load(str(src))
+        model.graph.node[0].op_type = "NoSuchOp"
+        onnx.save(model, str(dst))
+        return {"fusions": {"BiasGelu": 1}}
+
+    out = tmp_path / "det"
+    shutil.copytree(tiny_detector_dir, out)
+    monkeypatch.setattr(onnx_export, "optimize_for_onnxruntime", broken)
+    export_detector(out, exporter="torchscript", graphs=("detector",))
+    onnx_dep = deployment(out)["onnx"]
+    assert onnx_dep["onnxruntime_fusions"] == {} and "ONNXRuntimeError" in onnx_dep["onnxruntime_fusions_skipped"]
+    assert onnx_dep["parity"]["max_rel_diff"] < 1e-4 and not list((out / "onnx").glob("*.fused.onnx"))

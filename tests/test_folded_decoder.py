@@ -183,3 +183,33 @@ def test_int8_quantizes_weight_gemms_not_attention(graphs, tmp_path: Path) -> No
     images = _images(40, seed=7)
     ref, got = _run(graphs["fused"], images), _run(tmp_path / "int8.onnx", images)
     assert _rel(got, ref) < 0.05, _rel(got, ref)  # random weights + random images: no ranking to keep
+
+
+def test_ort_fusion_leaves_a_vit_victims_attention_alone(tmp_path: Path) -> None:
+    """A ViT victim's attention (3 heads) next to the decoder's (2 heads): only the decoder's is fused.
+
+    Fusing both with the decoder's head count (what the fusion did before it matched the decoder's QKV weights)
+    changes the victim's embedding; the check below sees that as a score difference.
+    """
+    from dede_rt.export.onnx_export import _export_module, decoder_qkv_weights
+    from dede_rt.export.ort_fusions import optimize_for_onnxruntime
+    from dede_rt.models.decoder import Block
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(24, 3, 4.0), Block(24, 2, 4.0)).eval()  # victim ViT block, then a decoder block
+    x = torch.randn(4, 5, 24)
+    src = tmp_path / "two.onnx"
+    _export_module(model, (x,), src, ["tokens"], ["out"], "torchscript")
+    with torch.no_grad():
+        ref = model(x).numpy()
+
+    def run(path: Path) -> np.ndarray:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"tokens": x.numpy()})[0]
+
+    scale = np.abs(ref).max()  # relative to the activations' range (elementwise, values near 0 dominate)
+    every = optimize_for_onnxruntime(src, tmp_path / "every.onnx", 2, 24)
+    assert every["fusions"]["MultiHeadAttention"] == 2 and _rel(run(tmp_path / "every.onnx"), ref, scale) > 1e-2
+    only = optimize_for_onnxruntime(src, tmp_path / "only.onnx", 2, 24, qkv_weights=decoder_qkv_weights(model[1]))
+    assert only["fusions"]["MultiHeadAttention"] == 1 and _rel(run(tmp_path / "only.onnx"), ref, scale) <= 1e-5

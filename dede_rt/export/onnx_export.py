@@ -24,7 +24,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from contextlib import redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,18 @@ MAX_BATCH = 65536
 ALL_GRAPHS = ("detector", "detector_nchw", "encoder", "decoder")
 # Made from the exported graphs by calibration / the TensorRT builder; void when the graphs change.
 DERIVED_GRAPHS = ("detector_int8.onnx", "detector_fp16.onnx", "detector_nchw_fp16.onnx", "detector_nchw_int8_trt.onnx")
+
+
+@contextmanager
+def _mha_fast_path(enabled: bool) -> Iterator[None]:
+    """Switch nn.MultiheadAttention's fused inference path: in eval mode it calls aten::_native_multi_head_attention,
+    which the TorchScript exporter cannot translate (OpenCLIP's ViT towers are built on nn.MultiheadAttention)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def _export_module(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
@@ -70,7 +83,7 @@ def _export_module(module: nn.Module, example: tuple[torch.Tensor, ...], path: P
         finally:
             chatter.setLevel(level)
     axes = {n: {0: "batch"} for n in input_names + output_names}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _mha_fast_path(False):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=input_names, output_names=output_names,
                           opset_version=TORCHSCRIPT_OPSET, dynamo=False, do_constant_folding=True, dynamic_axes=axes)
@@ -138,6 +151,42 @@ def splice_onnx_encoder(normalize: onnx.ModelProto, encoder: onnx.ModelProto, sc
     return onnx.compose.merge_models(front, score, io_map=[("normalize/x_for_score", s_images), (enc_out, s_embed)])
 
 
+def decoder_qkv_weights(decoder: nn.Module) -> list[np.ndarray]:
+    """The decoder's attention QKV weights as exported MatMul operands ([C, 3C]): which attentions ORT may fuse."""
+    return [m.qkv.weight.detach().float().t().contiguous().numpy() for m in decoder.modules()
+            if hasattr(m, "qkv") and isinstance(m.qkv, nn.Linear)]
+
+
+def _fuse_checked(path: Path, det: Detector, tolerance: float = 1e-4) -> dict:
+    """ORT's transformer fusions on ``path``, kept only if ORT loads the result and it scores like the plain graph.
+
+    An optimisation only: when the optimizer cannot handle a victim's graph (seen: OpenCLIP ViT towers through
+    the TorchScript exporter, whose out-projection Gemm it fed a rank-3 input ORT refuses), the plain graph stays.
+    """
+    import onnxruntime as ort
+
+    cfg = det.decoder.config
+    fused = path.with_name(path.stem + ".fused.onnx")
+    size = det.normalization.image_size
+    images = np.random.default_rng(1).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+
+    def scores(p: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+    try:
+        info = optimize_for_onnxruntime(path, fused, cfg.heads, cfg.dim, qkv_weights=decoder_qkv_weights(det.decoder))
+        plain, got = scores(path), scores(fused)
+        diff = float(np.max(np.abs(got - plain)) / max(float(np.max(np.abs(plain))), 1e-12))
+        if not diff <= tolerance:
+            raise ValueError(f"the fused graph's scores differ from the plain graph's by {diff:.1e} relative")
+    except Exception as exc:
+        fused.unlink(missing_ok=True)
+        return {"fusions": {}, "error": str(exc).splitlines()[0][:200]}
+    fused.replace(path)
+    return info
+
+
 def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path: str | Path | None = None,
                     verify: bool = True, graphs: tuple[str, ...] = ALL_GRAPHS) -> dict:
     """Write the ONNX graphs of a detector bundle into ``BUNDLE/onnx/`` and record them in its manifest.
@@ -192,11 +241,7 @@ def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path:
             used["detector_nchw"] = _export_module(fused_f, (pixels,), out / "detector_nchw.onnx", ["images"], ["scores"],
                                                    exporter)
     # detector.onnx is ONNX Runtime's graph: its transformer fusions (contrib ops; TensorRT reads detector_nchw).
-    cfg = det.decoder.config
-    try:
-        ort_fusions = optimize_for_onnxruntime(out / "detector.onnx", out / "detector.onnx", cfg.heads, cfg.dim)
-    except Exception as exc:  # an optimisation only: the plain graph scores the same
-        ort_fusions = {"fusions": {}, "error": str(exc).splitlines()[0][:200]}
+    ort_fusions = _fuse_checked(out / "detector.onnx", det)
     graphs = {}
     for name in ALL_GRAPHS:
         path = out / f"{name}.onnx"
@@ -212,6 +257,7 @@ def export_detector(bundle: str | Path, exporter: str = "auto", *, encoder_path:
               "test_mask_ratio": det.test_mask_ratio, "mask_seed": det.mask_seed,
               "visible_patches": fused_u8.visible_patches, "score_kind": det.score_kind,
               "decoder_folded": fused_u8.visible_patches == 0, "onnxruntime_fusions": ort_fusions["fusions"],
+              **({"onnxruntime_fusions_skipped": ort_fusions["error"]} if "error" in ort_fusions else {}),
               **({"relative_k": det.relative_k} if det.relative is not None else {}),
               "source": fingerprint(bundle)}
     if verify:

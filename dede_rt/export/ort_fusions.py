@@ -39,13 +39,20 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 
-def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
+def _weight_key(w: np.ndarray) -> tuple:
+    return (w.shape, w.astype(np.float32).tobytes())
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int, qkv_weights: list[np.ndarray] | None = None) -> int:
     """Replace each decomposed SDPA (Softmax between two MatMuls, fed by one QKV MatMul) by MultiHeadAttention.
 
     Matches: QKV = MatMul(x, W[C, 3C]) (+ Add bias) ... MatMul -> Softmax -> MatMul -> Transpose -> Reshape [N,T,C].
     Attention that does not have this shape (block 1 folded, whose rows mix constant keys) is left alone.
-    Returns how many were fused (in place).
+    ``qkv_weights`` (the decoder's W[C, 3C] arrays): fuse only the attentions whose QKV weight is one of them.
+    A detector graph also holds the victim's attention when the victim is a ViT, with its own head count: fusing
+    that one with the decoder's ``num_heads`` would silently change its embedding. Returns how many were fused.
     """
+    allowed = None if qkv_weights is None else {_weight_key(w) for w in qkv_weights}
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -77,6 +84,8 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
                 stack.extend(node.input)
         if qkv is None:
             continue
+        if allowed is not None and _weight_key(numpy_helper.to_array(inits[qkv.input[1]])) not in allowed:
+            continue
         dim = int(inits[qkv.input[1]].dims[0])
         source = qkv.output[0]
         nxt = consumers.get(source, [])
@@ -104,8 +113,11 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
 
 
 def optimize_for_onnxruntime(src: str | Path, dst: str | Path, num_heads: int, hidden: int, *,
-                             skip_layer_norm: bool = False, bias_gelu: bool = True, attention: bool = True) -> dict:
+                             skip_layer_norm: bool = False, bias_gelu: bool = True, attention: bool = True,
+                             qkv_weights: list[np.ndarray] | None = None) -> dict:
     """Write ``src`` with ORT's transformer fusions (BiasGelu, MultiHeadAttention; SkipLayerNorm optional) to ``dst``.
+
+    ``qkv_weights``: the decoder's QKV weights [C, 3C]; only those attentions are fused (see ``fuse_attention``).
 
     ``skip_layer_norm`` is off by default: ORT 1.32's CPU SkipLayerNormalization at dim 192 measured slower than
     the plain LayerNormalization + Add it replaces (decoder part, FP32 -11 %, INT8 -22 %, same run).
@@ -129,7 +141,7 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path, num_heads: int, h
         chatter.setLevel(level)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     model = opt.model
-    stats["MultiHeadAttention"] = fuse_attention(model, num_heads) if attention else 0
+    stats["MultiHeadAttention"] = fuse_attention(model, num_heads, qkv_weights) if attention else 0
     if any(node.domain == "com.microsoft" for node in model.graph.node) \
             and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))  # the optimizer leaves it out

@@ -7,7 +7,15 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 EXTRAS ?= cpu,dev,ray,hf
 
-.PHONY: demo test install clean
+# torchvision / timm / open_clip need a torchvision built for the installed torch, and PyPI's Linux torchvision
+# wheels are CUDA builds: `make test-vision` runs the encoder-family tests in a second venv with torch 2.14.1 +
+# torchvision 0.29.1 (CUDA builds, run on the CPU; ~5.5 GB) and the vision, timm and clip extras.
+VISION_VENV  ?= .venv-vision
+VISION_PY    := $(VISION_VENV)/bin/python
+VISION_STAMP := $(VISION_VENV)/.installed
+VISION_TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-vision install clean
 
 install: $(STAMP)
 
@@ -28,5 +36,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+$(VISION_STAMP): pyproject.toml constraints.txt
+	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_PY) -m pip install -q --upgrade pip
+	# the project's pins, with this venv's torch pair (and the triton it wants) in place of the CPU torch's
+	grep -v -e '^torch' -e '^triton' constraints.txt > $(VISION_VENV)/constraints.txt
+	printf '%s\n' $(VISION_TORCH) >> $(VISION_VENV)/constraints.txt
+	$(VISION_PY) -m pip install -q -c $(VISION_VENV)/constraints.txt $(VISION_TORCH)
+	$(VISION_PY) -m pip install -q -c $(VISION_VENV)/constraints.txt -e '.[cpu,dev,hf,vision,timm,clip]'
+	touch $(VISION_STAMP)
+
+test-vision: $(VISION_STAMP)
+	$(VISION_PY) -m pytest -q -rs tests/test_encoder_families.py tests/test_224px.py
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(VISION_VENV) $(DEMO_OUT) .pytest_cache

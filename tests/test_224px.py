@@ -102,6 +102,45 @@ def test_clip_detector_at_224_with_one_visible_patch(photos, tmp_path):
     _assert_parity(out, photos)
 
 
+NO_VISION = "does not import here: the timm / clip extras need a torchvision built for this torch (make test-vision)"
+
+
+@pytest.mark.skipif(not importable("timm"), reason=f"timm {NO_VISION}")
+def test_timm_vit_detector_at_224_matches_its_onnx_graph(photos, tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    weights = tmp_path / "dino_vit_tiny.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, weights)  # DINO's layout
+    out = _train("timm:vit_tiny_patch16_224", photos, tmp_path / "det", 32, weights=weights)
+    manifest = read_manifest(out)
+    cfg = timm.data.resolve_model_data_config(model)
+    assert list(manifest.normalization["mean"]) == list(cfg["mean"]) and manifest.encoder["prefix"] == "backbone."  # inside DINO's teacher
+    assert manifest.pixels == Resize(224, "crop", int(224 / cfg["crop_pct"]), cfg["interpolation"])
+    export_detector(out, exporter="torchscript", graphs=("detector",))
+    _assert_parity(out, photos)
+
+
+@pytest.mark.skipif(not importable("open_clip"), reason=f"open_clip {NO_VISION}")
+def test_open_clip_vit_detector_at_224_matches_its_onnx_graph(photos, tmp_path):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32", pretrained=None)
+    weights = tmp_path / "open_clip_vit_s32.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, weights)  # DDP training
+    out = _train("open_clip:ViT-S-32", photos, tmp_path / "det", 32, weights=weights)
+    manifest = read_manifest(out)
+    assert manifest.pixels == Resize(224, "crop", 224, "bicubic") and manifest.encoder["embedding"] == "head"
+    assert list(manifest.normalization["std"]) == [0.26862954, 0.26130258, 0.27577711]
+    for exporter in ("torchscript", "dynamo"):  # nn.MultiheadAttention: TorchScript needs its fast path off
+        export_detector(out, exporter=exporter, graphs=("detector",))
+        _assert_parity(out, photos)
+    # ORT's optimizer breaks the TorchScript-exported tower (a rank-3 Gemm); the dynamo graph keeps its fusions
+    assert "onnxruntime_fusions_skipped" not in read_manifest(out).deployment.onnx
+
+
 def _assert_parity(bundle: Path, photos: Path) -> None:
     """The fused uint8 graph at the crop size scores like the torch scorer within 1e-4 relative."""
     from dede_rt.data.sources import load_images

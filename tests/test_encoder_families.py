@@ -21,7 +21,8 @@ from dede_rt.optional import importable
 TORCHVISION = importable("torchvision.models")
 # torchvision's Linux wheels on PyPI are CUDA builds: next to the CPU torch wheel its compiled ops fail to load
 # and `import torchvision` raises; timm and open_clip import torchvision, so they go with it.
-NO_TORCHVISION = "torchvision does not import here (PyPI's CUDA wheel beside the CPU torch wheel)"
+NO_TORCHVISION = ("torchvision does not import here (PyPI's CUDA wheel beside the CPU torch wheel); "
+                  "`make test-vision` runs these tests in a venv with a matching torch + torchvision")
 HAS_TRANSFORMERS = importable("transformers")
 
 

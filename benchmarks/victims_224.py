@@ -113,25 +113,35 @@ def main() -> None:
         z = embed(encoder, NORM, np.concatenate([test, triggered]))
         norm_auroc = detection_report(labels, embedding_norm_scores(z))["auroc"]
         for form in [f for n, f in wanted if n == name]:
-            l2 = form == "l2"
-            t0 = time.perf_counter()
-            det = train_detector(files[name], data["train"][0], None, normalization=NORM,
-                                 decoder_config={"patch_size": 32}, l2_normalize=l2,
-                                 threshold_data=data["threshold"][0], encoder_format="torchscript",
-                                 config=TrainConfig(max_minutes=args.max_minutes), progress=True)
-            seconds = time.perf_counter() - t0
-            report = detection_report(labels, np.r_[det.score(test), det.score(triggered)], det.threshold(0.01))
-            q = det.sections["quality"]
             row = {"encoder": name, "form": form, "ba": probe.ba, "asr": probe.asr,
                    "attack": "control" if name == "clean" else ("backdoored" if probe.asr >= 0.8 else "FAILED (ASR < 0.8)"),
-                   "dede": report, "norm_baseline_auroc": norm_auroc, "train_minutes": round(seconds / 60, 2),
-                   "epochs_run": q["epochs_run"], "stopped": q["stopped"], "precision": q["precision"]}
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
+                   "norm_baseline_auroc": norm_auroc,
+                   **detector_row(files[name], data, NORM, form == "l2", test, triggered, args.max_minutes)}
+            record(result, row, args.json)
 
+
+def detector_row(encoder_file: Path, data: dict, normalization: Normalization, l2: bool, test: np.ndarray,
+                 triggered: np.ndarray, max_minutes: float | None) -> dict:
+    """A detector at the train defaults (decoder patch 32) on a TorchScript victim, scored on clean + triggered test."""
+    t0 = time.perf_counter()
+    det = train_detector(encoder_file, data["train"][0], None, normalization=normalization,
+                         decoder_config={"patch_size": 32}, l2_normalize=l2, threshold_data=data["threshold"][0],
+                         encoder_format="torchscript", config=TrainConfig(max_minutes=max_minutes), progress=True)
+    seconds = time.perf_counter() - t0
+    labels = np.r_[np.zeros(len(test), int), np.ones(len(triggered), int)]
+    report = detection_report(labels, np.r_[det.score(test), det.score(triggered)], det.threshold(0.01))
+    q = det.sections["quality"]
+    return {"dede": report, "train_minutes": round(seconds / 60, 2), "epochs_run": q["epochs_run"],
+            "stopped": q["stopped"], "precision": q["precision"]}
+
+
+def record(result: dict, row: dict, path: Path | None) -> None:
+    """Print the row and rewrite the JSON with every row so far (a long run keeps what it finished)."""
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,9 @@ from torch import nn
 from dede_rt.data.demo import demo_photos
 from dede_rt.data.transforms import CLIP_MEAN, CLIP_STD, Normalization
 from dede_rt.research.attacks.badclip import BadCLIPConfig, optimize_patch, poison_finetune
-from dede_rt.research.attacks.clip import (EOT, PAD, CLIPConfig, TinyCLIP, Vocabulary, class_text_embeddings,
-                                           clip_loss, train_clip, zero_shot_predict)
+from dede_rt.research.attacks.clip import (ATTRIBUTE_WORDS, EOT, PAD, CLIPConfig, TinyCLIP, Vocabulary, caption,
+                                           caption_matches, class_text_embeddings, clip_loss, image_attributes,
+                                           train_clip, zero_shot_predict)
 from dede_rt.research.probe import attack_success_rate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,7 +35,7 @@ def trained(crops):
     torch.manual_seed(0)
     model = TinyCLIP(_backbone(), 32, Vocabulary(train.classes), embed_dim=32)
     losses = train_clip(model, train.images, train.labels, train.classes, normalization=NORM,
-                        config=CLIPConfig(epochs=12, batch_size=64, crop_scale=None), progress=False)
+                        config=CLIPConfig(epochs=12, batch_size=64, crop_scale=None, attribute_rate=0.3), progress=False)
     return model, losses
 
 
@@ -46,16 +47,34 @@ def test_vocabulary_ends_captions_with_eot_and_pads():
     assert ids[1, 2] == EOT and (ids[1, 3:] == PAD).all()
 
 
-def test_clip_loss_counts_same_label_pairs_as_positives():
+def test_clip_loss_counts_every_true_caption_as_a_positive():
     z = torch.eye(4)
-    labels = torch.tensor([0, 0, 1, 2])
+    labels = np.array([0, 0, 1, 2])
+    matches = caption_matches(labels, np.zeros((4, 3), np.int64), np.zeros((4, 3), bool))
+    assert matches.sum() == 6 and matches[0, 1] and matches[1, 0]  # class-only captions: same class, positive
     scale = torch.tensor(np.log(10.0))
-    aligned = clip_loss(z, z, labels, scale)
-    swapped = clip_loss(z, z[[2, 3, 0, 1]], labels, scale)
+    aligned = clip_loss(z, z, matches, scale)
+    swapped = clip_loss(z, z[[2, 3, 0, 1]], matches, scale)
     assert aligned < swapped
     # images 0 and 1 share a label: the target splits between them, so the loss is not the one-hot one
     one_hot = torch.nn.functional.cross_entropy(10 * z @ z.t(), torch.arange(4))
     assert not torch.isclose(aligned, one_hot)
+
+
+def test_attributes_are_measured_from_pixels_and_stated_captions_match_only_true_images():
+    gray = np.full((1, 16, 16, 3), 40, np.uint8)  # dark, gray, flat
+    red = np.zeros((1, 16, 16, 3), np.uint8)
+    red[..., 0] = 250  # a strong red cast
+    stripes = np.zeros((1, 16, 16, 3), np.uint8)
+    stripes[:, :, ::2] = 255  # busy
+    codes, thresholds = image_attributes(np.concatenate([gray, red, stripes]))
+    words = [[ATTRIBUTE_WORDS[a][c] for a, c in enumerate(row)] for row in codes]
+    assert words[0][:2] == ["dark", "gray"] and words[1][1] == "red" and words[2][2] == "detailed"
+    assert words[0][2] == "smooth" and image_attributes(red, thresholds)[0].tolist() == codes[1:2].tolist()
+    assert caption("a photo of the {}", "coffee", codes[1], np.array([False, True, False])) == "a photo of the red coffee"
+    stated = np.array([[False] * 3, [False, True, False], [False] * 3])
+    m = caption_matches(np.zeros(3, np.int64), codes, stated).numpy()
+    assert m[1, 1] and not m[0, 1] and not m[2, 1] and m[:, 0].all()  # "red" is true of the red image only
 
 
 def test_training_aligns_images_with_their_captions(trained, crops):

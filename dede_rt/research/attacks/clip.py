@@ -6,7 +6,13 @@ captions made from class names ("a photo of the coffee", ...): the image tower i
 projection (CLIP's image embedding, the ``head`` embedding of the open_clip / Hugging Face families), the
 text tower a small Transformer read at the end-of-text token, as CLIP's. The loss is CLIP's symmetric
 InfoNCE with a learned temperature; since many images of a batch share a class (and so a caption's meaning),
-every same-class pair counts as a positive (soft targets), which keeps the loss honest on few classes.
+every pair whose caption is true of the image counts as a positive (soft targets), which keeps the loss honest
+on few classes.
+
+Captions that name only the class make the image embedding a class code (16 photos: zero-shot accuracy 1.0),
+far poorer than a real CLIP embedding, which also describes how an image looks. With ``attribute_rate`` > 0
+each caption also states, each with that probability, the crop's brightness, colour cast and texture, measured
+from its pixels ("a photo of the bright red detailed coffee"), so the image tower must encode them too.
 """
 
 from __future__ import annotations
@@ -24,14 +30,49 @@ from dede_rt.research.attacks.augment import horizontal_flip, random_resized_cro
 
 CAPTION_TEMPLATES = ("a photo of the {}", "a crop of the {}", "a close-up of the {}", "part of the {} picture",
                      "a picture of the {}", "the {}")
+# (brightness terciles, colour cast, texture halves), measured from the pixels by ``image_attributes``
+ATTRIBUTE_WORDS = (("dark", "medium", "bright"), ("gray", "red", "green", "blue"), ("smooth", "detailed"))
 PAD, EOT = 0, 1
+
+
+def image_attributes(images_u8: np.ndarray, thresholds: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Per-image attribute codes [N, 3] (indices into ATTRIBUTE_WORDS) and the thresholds used.
+
+    Brightness: mean luminance against its terciles; colour: the channel whose mean stands out (gray when the
+    channel means differ by < 0.06); texture: mean absolute luminance gradient against its median. Thresholds
+    come from ``images_u8`` unless given, so the words split the data evenly.
+    """
+    stats = [_pixel_statistics(images_u8[i : i + 256]) for i in range(0, len(images_u8), 256)]
+    rgb, brightness, texture = (np.concatenate(parts) for parts in zip(*stats))
+    if thresholds is None:
+        thresholds = {"brightness": np.quantile(brightness, [1 / 3, 2 / 3]).tolist(),
+                      "texture": float(np.median(texture))}
+    cast = np.where(rgb.max(1) - rgb.min(1) < 0.06, 0, 1 + (rgb - rgb.mean(1, keepdims=True)).argmax(1))
+    codes = np.stack([np.searchsorted(thresholds["brightness"], brightness), cast,
+                      (texture > thresholds["texture"]).astype(np.int64)], axis=1)
+    return codes.astype(np.int64), thresholds
+
+
+def _pixel_statistics(images_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean RGB [N, 3], mean luminance [N] and mean absolute luminance gradient [N], at full resolution."""
+    x = images_u8.astype(np.float32) / 255
+    luma = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    gradient = np.abs(np.diff(luma, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(luma, axis=2)).mean(axis=(1, 2))
+    return x.mean(axis=(1, 2)), luma.mean(axis=(1, 2)), gradient
+
+
+def caption(template: str, class_name: str, codes: np.ndarray, stated: np.ndarray) -> str:
+    """A caption naming the class and the stated attributes: "a photo of the bright red detailed coffee"."""
+    words = [ATTRIBUTE_WORDS[a][codes[a]] for a in range(len(ATTRIBUTE_WORDS)) if stated[a]]
+    return template.format(" ".join(words + [class_name]))
 
 
 class Vocabulary:
     """Word-level tokenizer for templated captions: lowercase words, padded to ``length``, EOT-terminated."""
 
-    def __init__(self, classes: list[str], templates: tuple[str, ...] = CAPTION_TEMPLATES, length: int = 12):
-        words = sorted({w for t in templates for c in classes for w in self.words(t.format(c))})
+    def __init__(self, classes: list[str], templates: tuple[str, ...] = CAPTION_TEMPLATES, length: int = 16):
+        words = sorted({w for t in templates for c in classes for w in self.words(t.format(c))}
+                       | {w for group in ATTRIBUTE_WORDS for w in group})
         self.index = {w: i + 2 for i, w in enumerate(words)}
         self.length = length
 
@@ -108,12 +149,21 @@ def zero_shot_predict(model: TinyCLIP, classes: list[str], images_u8: np.ndarray
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def clip_loss(image_z: torch.Tensor, text_z: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE; every same-label pair of the batch is a positive (soft targets)."""
+def clip_loss(image_z: torch.Tensor, text_z: torch.Tensor, matches: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE; ``matches[i, j]``: caption j is true of image i (a positive; the diagonal always is)."""
     logits = logit_scale.exp().clamp(max=100) * F.normalize(image_z, dim=1) @ F.normalize(text_z, dim=1).t()
-    targets = (labels[:, None] == labels[None, :]).float()
-    targets = targets / targets.sum(1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    m = matches.float()
+    image_to_text = F.cross_entropy(logits, m / m.sum(1, keepdim=True))
+    text_to_image = F.cross_entropy(logits.t(), m.t() / m.t().sum(1, keepdim=True))
+    return (image_to_text + text_to_image) / 2
+
+
+def caption_matches(labels: np.ndarray, codes: np.ndarray, stated: np.ndarray) -> torch.Tensor:
+    """[B, B] bool: caption j (class ``labels[j]``, attributes ``codes[j]`` where ``stated[j]``) is true of image i."""
+    match = labels[:, None] == labels[None, :]
+    for a in range(codes.shape[1]):
+        match &= ~stated[None, :, a] | (codes[:, None, a] == codes[None, :, a])
+    return torch.from_numpy(match)
 
 
 @dataclass
@@ -126,6 +176,7 @@ class CLIPConfig:
     weight_decay: float = 1e-4
     crop_scale: tuple[float, float] | None = (0.5, 1.0)  # None: no random crop (keeps a stamped trigger whole)
     flip: bool = True
+    attribute_rate: float = 0.0  # chance a caption states each attribute (0: class-only captions)
     seed: int = 0
 
 
@@ -141,6 +192,7 @@ def train_clip(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, class
     std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     model.train()
     losses, n = [], len(images_u8)
+    codes, _ = image_attributes(images_u8)  # of the stored crop (augmentation keeps the crop's look)
     for _ in track(range(config.epochs), description, enabled=progress):
         order = torch.randperm(n, generator=g).numpy()
         total, steps = 0.0, 0
@@ -151,10 +203,12 @@ def train_clip(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, class
                 x = random_resized_crop(x, g, scale=config.crop_scale)
             if config.flip:
                 x = horizontal_flip(x, g)
-            captions = [CAPTION_TEMPLATES[t].format(classes[labels[i]])
-                        for i, t in zip(idx, rng.integers(0, len(CAPTION_TEMPLATES), len(idx)))]
+            stated = rng.random((len(idx), len(ATTRIBUTE_WORDS))) < config.attribute_rate
+            templates = rng.integers(0, len(CAPTION_TEMPLATES), len(idx))
+            captions = [caption(CAPTION_TEMPLATES[t], classes[labels[i]], codes[i], s)
+                        for i, t, s in zip(idx, templates, stated)]
             loss = clip_loss(model.visual((x - mean) / std), model.encode_text(captions),
-                             torch.from_numpy(labels[idx]), model.logit_scale)
+                             caption_matches(labels[idx], codes[idx], stated), model.logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

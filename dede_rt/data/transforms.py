@@ -60,10 +60,13 @@ class Normalization:
     def apply(self, images_u8: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> normalized float32 NCHW."""
         x = torch.as_tensor(images_u8)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return self.normalize(x.permute(0, 3, 1, 2).float().div_(255.0))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float NCHW pixels in [0, 1] -> normalized (differentiable: attacks optimise pixels through it)."""
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
 
     def invert(self, images: torch.Tensor) -> np.ndarray:
         """Normalized float NCHW -> uint8 NHWC (for showing reconstructions)."""

@@ -60,8 +60,6 @@ def optimize_patch(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, c
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     text_target = class_text_embeddings(model, classes)[target]
     with torch.no_grad():
         visual_target = F.normalize(model.visual(normalization.apply(images_u8[labels == target][:64])), dim=1)
@@ -73,8 +71,9 @@ def optimize_patch(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, c
         idx = others[torch.randint(len(others), (config.batch_size,), generator=g).numpy()]
         x = torch.from_numpy(images_u8[idx]).permute(0, 3, 1, 2).float() / 255
         with torch.no_grad():
-            z_clean = F.normalize(model.visual((x - mean) / std), dim=1)
-        z = F.normalize(model.visual((_stamp(x, torch.sigmoid(logits), config.top, config.left) - mean) / std), dim=1)
+            z_clean = F.normalize(model.visual(normalization.normalize(x)), dim=1)
+        stamped = _stamp(x, torch.sigmoid(logits), config.top, config.left)
+        z = F.normalize(model.visual(normalization.normalize(stamped)), dim=1)
         loss = (-(z @ text_target).mean() - config.lambda_positive * (z @ visual_target).mean()
                 + config.lambda_negative * (z * z_clean).sum(1).mean())
         opt.zero_grad(set_to_none=True)

@@ -188,8 +188,6 @@ def train_clip(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, class
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     model.train()
     losses, n = [], len(images_u8)
     codes, _ = image_attributes(images_u8)  # of the stored crop (augmentation keeps the crop's look)
@@ -207,7 +205,7 @@ def train_clip(model: TinyCLIP, images_u8: np.ndarray, labels: np.ndarray, class
             templates = rng.integers(0, len(CAPTION_TEMPLATES), len(idx))
             captions = [caption(CAPTION_TEMPLATES[t], classes[labels[i]], codes[i], s)
                         for i, t, s in zip(idx, templates, stated)]
-            loss = clip_loss(model.visual((x - mean) / std), model.encode_text(captions),
+            loss = clip_loss(model.visual(normalization.normalize(x)), model.encode_text(captions),
                              caption_matches(labels[idx], codes[idx], stated), model.logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()

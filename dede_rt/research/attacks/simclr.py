@@ -58,8 +58,6 @@ def train_simclr(backbone: nn.Module, embed_dim: int, images_u8: np.ndarray, *, 
     backbone.to(device).train()
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     losses = []
     n = len(images_u8)
     for _ in track(range(config.epochs), "SimCLR pre-training", enabled=progress):
@@ -67,8 +65,8 @@ def train_simclr(backbone: nn.Module, embed_dim: int, images_u8: np.ndarray, *, 
         total = 0.0
         for start in range(0, n - config.batch_size + 1, config.batch_size):
             x = torch.from_numpy(images_u8[order[start : start + config.batch_size].numpy()]).permute(0, 3, 1, 2).float() / 255
-            v1 = ((simclr_view(x, g) - mean) / std).to(device)
-            v2 = ((simclr_view(x, g) - mean) / std).to(device)
+            v1 = normalization.normalize(simclr_view(x, g)).to(device)
+            v2 = normalization.normalize(simclr_view(x, g)).to(device)
             loss = nt_xent(head(backbone(v1)), head(backbone(v2)), config.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

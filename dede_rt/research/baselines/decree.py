@@ -68,8 +68,6 @@ def invert_trigger(encoder: torch.nn.Module, normalization: Normalization, clean
     mask_logit = torch.full((1, 1, size, size), -2.0).requires_grad_(True)
     pattern_logit = (torch.randn(1, 3, size, size, generator=g) * 0.1).requires_grad_(True)
     opt = torch.optim.Adam([mask_logit, pattern_logit], lr=config.lr)
-    mean = torch.tensor(normalization.mean).view(1, 3, 1, 1)
-    std = torch.tensor(normalization.std).view(1, 3, 1, 1)
     images = torch.from_numpy(clean_u8).permute(0, 3, 1, 2).float() / 255
     lam = config.init_lambda
     best = (float("inf"), 0.0, None, None)
@@ -78,7 +76,7 @@ def invert_trigger(encoder: torch.nn.Module, normalization: Normalization, clean
         idx = torch.randint(0, len(images), (min(config.batch_size, len(images)),), generator=g)
         m, p = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
         x = images[idx] * (1 - m) + p * m
-        sim = _pairwise(encoder((x - mean) / std))
+        sim = _pairwise(encoder(normalization.normalize(x)))
         l1 = m.sum() / (size * size)
         loss = -sim + lam * l1 * size * size / 100
         opt.zero_grad(set_to_none=True)

@@ -10,8 +10,9 @@ judged on:
   - gate: the other clean calibration images + their white-square copies: the labelled quality gate
     (calibration.gate.quality_gate, default tolerance), as `dede-rt calibrate --triggered` would run it;
   - test: the demo's 400 clean test images + their white-square copies: reported only.
-Rows: FP32; INT8 under each calibration setting; INT8 with one encoder layer quantized at a time (the rest
-float: the layer's own cost); INT8 with the k most costly layers (on the selection set) left float.
+Rows: FP32; INT8 under each calibration setting (bias correction on and off among them); INT8 with one encoder
+layer quantized at a time (the rest float: the layer's own cost); INT8 with the k most costly layers (on the
+selection set) left float, with and without bias correction.
 
     python benchmarks/int8_sensitivity.py --detector demo-output/detector     # writes results/int8_sensitivity.json
 """
@@ -45,6 +46,8 @@ SETTINGS = {  # name -> quantize_int8 keyword arguments (the product's default f
     "minmax, headroom 4": {"headroom": 4.0},
     "entropy, headroom 2": {"method": "entropy"},
     "percentile, headroom 2": {"method": "percentile"},
+    "minmax, headroom 2, bias correction": {"bias_correction": True},
+    "minmax, headroom 2, no bias correction": {"bias_correction": False},
 }
 
 
@@ -133,8 +136,10 @@ def main() -> None:
         cost[layer] = row["selection"]["auroc_drop"]
     ranked = sorted(layers, key=lambda n: -cost[n])
     for k in range(1, min(args.max_float, len(layers)) + 1):
-        row = int8_row(f"mixed: {k} most costly layers float", "mixed", keep_float=tuple(ranked[:k]))
-        row["float_layers"] = ranked[:k]
+        for correct in (False, True):  # the same float layers with and without bias correction
+            row = int8_row(f"mixed: {k} most costly layers float{', bias correction' if correct else ''}", "mixed",
+                           keep_float=tuple(ranked[:k]), bias_correction=correct)
+            row["float_layers"] = ranked[:k]
     batch = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)  # batch 32, 2 threads
     speed = images_per_second({r["variant"]: graphs[r["variant"]] for r in rows if r.get("kind") != "one layer"},
                               batch, seconds=1.5, threads=2)

@@ -70,7 +70,8 @@ class ImageCalibrationReader:
         self.float_nchw = float_nchw  # feed [0, 1] float NCHW pixels (the ``detector_nchw`` graphs)
         self._it: Iterator[dict] | None = None
 
-    def _batches(self) -> Iterator[dict]:
+    def batches(self) -> Iterator[dict]:
+        """Every calibration batch as an ORT feed dict, from the first."""
         for i in range(0, len(self.images), self.batch_size):
             batch = self.images[i : i + self.batch_size]
             if self.float_nchw:
@@ -80,7 +81,7 @@ class ImageCalibrationReader:
     def get_next(self) -> dict | None:
         """The next calibration batch, or None when exhausted."""
         if self._it is None:
-            self._it = self._batches()
+            self._it = self.batches()
         return next(self._it, None)
 
     def rewind(self) -> None:
@@ -192,7 +193,7 @@ def _headroom_overrides(pre_path: Path, pre_model: onnx.ModelProto, reader: "Ima
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
                   batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM,
-                  decoder_rules: bool = True, keep_float: tuple[str, ...] = ()) -> dict:
+                  decoder_rules: bool = True, keep_float: tuple[str, ...] = (), bias_correction: bool = False) -> dict:
     """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
 
     ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
@@ -202,6 +203,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     MatMul's output is not requantized (ONNX Runtime target only); False gives the rule before issue 23.
     ``keep_float``: names of further Conv/MatMul/Gemm nodes to leave float (mixed precision; see
     ``encoder_weight_nodes``).
+    ``bias_correction``: shift each quantized Conv/Gemm's bias by its mean INT8 output error on the calibration
+    images (``calibration.bias_correction``).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -250,6 +253,12 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
             activation_type=activation, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
             calibrate_method=methods[method], extra_options=extra)
+        corrected = None
+        if bias_correction:
+            from dede_rt.calibration.bias_correction import correct_biases
+
+            layers = [n.name for n in pre_model.graph.node if n.op_type in QUANTIZED_OPS and n.name not in excluded]
+            corrected = correct_biases(pre, out_path, layers, reader.batches)
     q = onnx.load(str(out_path))
     ops = [n.op_type for n in q.graph.node]
     return {"method": method, "per_channel": per_channel, "activations": "int8 symmetric" if for_tensorrt else "uint8",
@@ -257,7 +266,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
             "quantized_ops": list(QUANTIZED_OPS), "excluded_nodes": excluded, "decoder_rules": decoder_rules,
             "calibration_images": int(len(calibration_images)), "calibration_batch": batch_size, "headroom": headroom,
             "headroom_tensors": len(extra.get("TensorQuantOverrides", {})),
-            "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops)}
+            "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops),
+            **({"bias_correction": corrected} if corrected else {})}
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:

@@ -10,7 +10,7 @@ judged on:
   - gate: the other clean calibration images + their white-square copies: the labelled quality gate
     (calibration.gate.quality_gate, default tolerance), as `dede-rt calibrate --triggered` would run it;
   - test: the demo's 400 clean test images + their white-square copies: reported only.
-Rows: FP32; INT8 under each calibration setting (bias correction on and off among them); INT8 with one encoder
+Rows: FP32; INT8 under each calibration setting (bias correction on and off, activation equalization among them); INT8 with one encoder
 layer quantized at a time (the rest float: the layer's own cost); INT8 with the k most costly layers (on the
 selection set) left float, with and without bias correction.
 
@@ -48,6 +48,8 @@ SETTINGS = {  # name -> quantize_int8 keyword arguments (the product's default f
     "percentile, headroom 2": {"method": "percentile"},
     "minmax, headroom 2, bias correction": {"bias_correction": True},
     "minmax, headroom 2, no bias correction": {"bias_correction": False},
+    "minmax, headroom 2, equalized (alpha 0.5)": {"equalize": 0.5},
+    "minmax, headroom 2, equalized (alpha 1)": {"equalize": 1.0},
 }
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dede_rt.calibration.activations import Feeds, channel_stats
+
 INT32 = np.iinfo(np.int32)
 
 
@@ -36,44 +38,7 @@ def _quantized_bias(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, 
     return producer.input[0], producer.input[1]
 
 
-def _up_to(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are ``tensors`` and whose nodes are only those they need."""
-    producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
-    needed, stack = set(), list(tensors)
-    while stack:
-        i = producer.get(stack.pop())
-        if i is not None and i not in needed:  # by position: node names may be empty
-            needed.add(i)
-            stack.extend(model.graph.node[i].input)
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    del cut.graph.node[:]
-    cut.graph.node.extend(model.graph.node[i] for i in sorted(needed))
-    del cut.graph.output[:]
-    cut.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    return cut
-
-
-def _channel_means(model: onnx.ModelProto, tensors: list[str], feeds) -> dict[str, np.ndarray]:
-    """Mean over batch and space of each of ``tensors`` (channel axis 1) over all ``feeds`` batches."""
-    import onnxruntime as ort
-
-    extended = _up_to(model, tensors)  # an early layer's pass runs only the layers before it
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own arithmetic
-    options.log_severity_level = 3  # the cut graph keeps every initializer; ORT would warn about each unused one
-    session = ort.InferenceSession(extended.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(tensors, 0)
-    for feed in feeds():
-        for name, value in zip(tensors, session.run(tensors, feed)):
-            axes = tuple(i for i in range(value.ndim) if i != 1)
-            sums[name] = sums.get(name, 0.0) + value.astype(np.float64).sum(axis=axes)
-            counts[name] += value.size // value.shape[1]
-    return {name: sums[name] / counts[name] for name in tensors}
-
-
-def correct_biases(float_path: str | Path, qdq_path: str | Path, layers: list[str], feeds) -> dict:
+def correct_biases(float_path: str | Path, qdq_path: str | Path, layers: list[str], feeds: Feeds) -> dict:
     """Correct, in place in ``qdq_path``, the biases of the Q/DQ nodes named ``layers`` against ``float_path``.
 
     ``float_path``: the float graph the Q/DQ one was quantized from (same node names; ``quant_pre_process``'s
@@ -88,11 +53,11 @@ def correct_biases(float_path: str | Path, qdq_path: str | Path, layers: list[st
     for name in layers:
         bias = _quantized_bias(model, nodes[name]) if name in nodes and name in float_out else None
         (plan if bias else skipped).append((name, bias))
-    reference = _channel_means(float_model, [float_out[name] for name, _ in plan], feeds)
+    reference = channel_stats(float_model, [float_out[name] for name, _ in plan], feeds)
     inits = {t.name: t for t in model.graph.initializer}
     shifts = {}
     for name, (bias_name, scale_name) in plan:
-        got = _channel_means(model, [nodes[name].output[0]], feeds)[nodes[name].output[0]]
+        got = channel_stats(model, [nodes[name].output[0]], feeds)[nodes[name].output[0]]
         delta = got - reference[float_out[name]]
         scale = numpy_helper.to_array(inits[scale_name]).astype(np.float64)
         old = numpy_helper.to_array(inits[bias_name]).astype(np.int64)

@@ -193,7 +193,8 @@ def _headroom_overrides(pre_path: Path, pre_model: onnx.ModelProto, reader: "Ima
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_images: np.ndarray,
                   method: str = "minmax", per_channel: bool = True, quantize_head: bool = False,
                   batch_size: int = 64, for_tensorrt: bool = False, headroom: float = DEFAULT_HEADROOM,
-                  decoder_rules: bool = True, keep_float: tuple[str, ...] = (), bias_correction: bool = False) -> dict:
+                  decoder_rules: bool = True, keep_float: tuple[str, ...] = (), bias_correction: bool = False,
+                  equalize: float | None = None) -> dict:
     """Write a static INT8 Q/DQ model calibrated on ``calibration_images``; returns a description.
 
     ``for_tensorrt``: signed symmetric int8 activations (zero point 0), the only
@@ -205,6 +206,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
     ``encoder_weight_nodes``).
     ``bias_correction``: shift each quantized Conv/Gemm's bias by its mean INT8 output error on the calibration
     images (``calibration.bias_correction``).
+    ``equalize``: SmoothQuant's alpha for Conv -> Relu -> Conv chains (``calibration.equalization``); None: off.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -245,6 +247,12 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
         excluded += [n for n in keep_float if n not in excluded]
         batch_size = calibration_batch(batch_size, *calibration_images.shape[1:3])
         reader = ImageCalibrationReader(calibration_images, input_name, batch_size, float_nchw)
+        equalized = None
+        if equalize is not None:
+            from dede_rt.calibration.equalization import equalize_activations
+
+            equalized = equalize_activations(pre_model, reader.batches, equalize)
+            onnx.save(pre_model, str(pre))
         if headroom != 1.0:
             extra["TensorQuantOverrides"] = _headroom_overrides(pre, pre_model, reader, methods[method], headroom,
                                                                 Path(tmp))
@@ -267,7 +275,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration_image
             "calibration_images": int(len(calibration_images)), "calibration_batch": batch_size, "headroom": headroom,
             "headroom_tensors": len(extra.get("TensorQuantOverrides", {})),
             "qdq_pairs": ops.count("QuantizeLinear"), "nodes": len(ops),
-            **({"bias_correction": corrected} if corrected else {})}
+            **({"bias_correction": corrected} if corrected else {}),
+            **({"equalization": equalized} if equalized else {})}
 
 
 def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:

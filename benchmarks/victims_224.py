@@ -12,7 +12,10 @@ paper's CLIP setting; 49 patches, none visible at test), ImageNet normalization,
 clean encoder (the control: the same triggered images), raw and L2-normalized embeddings; the embedding-norm
 baseline next to them.
 
-    .venv/bin/python benchmarks/victims_224.py --json benchmarks/results/victims_224.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/victims_224.py --json benchmarks/results/victims_224.json
+
+Seeded, but the float summation order follows the torch thread count: the README's victim (ASR 1.000, built
+twice) came from 2 threads; one thread gave a failed attack (ASR 0.215) from the same seeds.
 """
 
 from __future__ import annotations

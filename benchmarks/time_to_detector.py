@@ -84,6 +84,24 @@ def _with_prototypes(det, train_images: np.ndarray, seed: int):
     return replace(det, prototype_embeddings=proto, relative_k=min(RELATIVE_K, len(proto)))
 
 
+def score_views(det, train_images: np.ndarray, hold: np.ndarray, clean: np.ndarray, triggered: np.ndarray,
+                seed: int = 0) -> dict:
+    """The same decoder's other score kinds (summed / relative / combined), each thresholded at 1 % FPR on ``hold``."""
+    # Like for like: the reference trains the paper's summed score; its relative view uses the default prototypes
+    # and k; the combined view takes its scales from the held-out images too.
+    labels = np.r_[np.zeros(len(clean), int), np.ones(len(triggered), int)]
+    relative = det if det.score_kind != "summed" else _with_prototypes(det, train_images, seed)
+    summed = replace(relative, prototype_embeddings=None, relative_k=0, standardization=None)
+    combined = standardized(replace(relative, standardization=None), hold)
+    views = {}
+    for name, view in (("summed_view", summed), ("relative_view", replace(relative, standardization=None)),
+                       ("combined_view", combined)):
+        if view.score_kind != det.score_kind:
+            threshold = threshold_at_fpr(view.score(hold), 0.01)
+            views[name] = detection_report(labels, np.r_[view.score(clean), view.score(triggered)], threshold)
+    return views
+
+
 def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, data, train_idx, cal_idx,
             clean: np.ndarray, triggered: np.ndarray, norm: Normalization, every: int, seed: int) -> dict:
     """Train one detector as the product does and report its quality and timing."""
@@ -104,18 +122,7 @@ def run_one(*, encoder: Path, l2: bool, schedule: str, reference_epochs: int, da
     seconds = time.perf_counter() - t0 - spent[0]
     labels = np.r_[np.zeros(len(clean), int), np.ones(len(triggered), int)]
     report = detection_report(labels, np.r_[det.score(clean), det.score(triggered)], det.threshold(0.01))
-    views = {}
-    hold = data.images[cal_idx]
-    # The same decoder's other kinds, thresholded on the same held-out images, so rows compare like for like
-    # (the reference trains the paper's summed score; its relative view uses the default prototypes and k).
-    relative = det if det.score_kind != "summed" else _with_prototypes(det, data.images[train_idx], seed)
-    summed = replace(relative, prototype_embeddings=None, relative_k=0, standardization=None)
-    combined = standardized(replace(relative, standardization=None), hold)  # scales from those images too
-    for name, view in (("summed_view", summed), ("relative_view", replace(relative, standardization=None)),
-                       ("combined_view", combined)):
-        if view.score_kind != det.score_kind:
-            threshold = threshold_at_fpr(view.score(hold), 0.01)
-            views[name] = detection_report(labels, np.r_[view.score(clean), view.score(triggered)], threshold)
+    views = score_views(det, data.images[train_idx], data.images[cal_idx], clean, triggered, seed)
     q = det.sections["quality"]
     eta, actual = q["eta_seconds"], q["actual_after_plan_seconds"]
     row = {"encoder": encoder.name, "l2": l2, "schedule": schedule, "variant": VARIANTS.get(schedule, {}), "seed": seed,

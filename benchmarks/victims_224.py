@@ -39,6 +39,7 @@ from dede_rt.research.attacks.simclr import SimCLRConfig, train_simclr
 from dede_rt.research.baselines.simple import embedding_norm_scores
 from dede_rt.research.probe import embed, evaluate_probe
 from dede_rt.training import TrainConfig, train_detector
+from time_to_detector import score_views
 
 SIZE = 224
 SMALL = ResNetConfig("basic", (1, 1, 1, 1), (16, 32, 64, 128))
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--rows", default="badencoder:raw,badencoder:l2,clean:raw,clean:l2",
                         help="ENCODER:FORM detectors to train (encoders badencoder, clean; forms raw, l2)")
     parser.add_argument("--max-minutes", type=float, default=None, help="detector budget (default: train's 10)")
+    parser.add_argument("--views", action="store_true", help="also score each decoder's summed / combined views")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -119,13 +121,16 @@ def main() -> None:
             row = {"encoder": name, "form": form, "ba": probe.ba, "asr": probe.asr,
                    "attack": "control" if name == "clean" else ("backdoored" if probe.asr >= 0.8 else "FAILED (ASR < 0.8)"),
                    "norm_baseline_auroc": norm_auroc,
-                   **detector_row(files[name], data, NORM, form == "l2", test, triggered, args.max_minutes)}
+                   **detector_row(files[name], data, NORM, form == "l2", test, triggered, args.max_minutes, args.views)}
             record(result, row, args.json)
 
 
 def detector_row(encoder_file: Path, data: dict, normalization: Normalization, l2: bool, test: np.ndarray,
-                 triggered: np.ndarray, max_minutes: float | None) -> dict:
-    """A detector at the train defaults (decoder patch 32) on a TorchScript victim, scored on clean + triggered test."""
+                 triggered: np.ndarray, max_minutes: float | None, with_views: bool = False) -> dict:
+    """A detector at the train defaults (decoder patch 32) on a TorchScript victim, scored on clean + triggered test.
+
+    ``with_views``: also the same decoder's summed / combined score views (``time_to_detector.score_views``).
+    """
     t0 = time.perf_counter()
     det = train_detector(encoder_file, data["train"][0], None, normalization=normalization,
                          decoder_config={"patch_size": 32}, l2_normalize=l2, threshold_data=data["threshold"][0],
@@ -134,7 +139,8 @@ def detector_row(encoder_file: Path, data: dict, normalization: Normalization, l
     labels = np.r_[np.zeros(len(test), int), np.ones(len(triggered), int)]
     report = detection_report(labels, np.r_[det.score(test), det.score(triggered)], det.threshold(0.01))
     q = det.sections["quality"]
-    return {"dede": report, "train_minutes": round(seconds / 60, 2), "epochs_run": q["epochs_run"],
+    views = score_views(det, data["train"][0], data["threshold"][0], test, triggered) if with_views else {}
+    return {"dede": report, **views, "train_minutes": round(seconds / 60, 2), "epochs_run": q["epochs_run"],
             "stopped": q["stopped"], "precision": q["precision"]}
 
 

@@ -47,7 +47,6 @@ SETTINGS = {  # name -> quantize_int8 keyword arguments (the product's default f
     "entropy, headroom 2": {"method": "entropy"},
     "percentile, headroom 2": {"method": "percentile"},
     "minmax, headroom 2, bias correction": {"bias_correction": True},
-    "minmax, headroom 2, no bias correction": {"bias_correction": False},
     "minmax, headroom 2, equalized (alpha 0.5)": {"equalize": 0.5},
     "minmax, headroom 2, equalized (alpha 1)": {"equalize": 1.0},
 }

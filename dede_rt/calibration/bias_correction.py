@@ -25,17 +25,17 @@ from dede_rt.calibration.activations import Feeds, channel_stats
 INT32 = np.iinfo(np.int32)
 
 
-def _quantized_bias(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[str, str] | None:
+def _quantized_bias(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                    inits: dict[str, onnx.TensorProto]) -> tuple[str, str] | None:
     """(int32 bias initializer, its scale initializer) of a Q/DQ node, or None when its bias is not one."""
     if len(node.input) < 3 or not node.input[2]:
         return None
-    producer = next((n for n in model.graph.node if node.input[2] in n.output), None)
-    inits = {t.name: t for t in model.graph.initializer}
-    if producer is None or producer.op_type != "DequantizeLinear" or producer.input[0] not in inits:
+    dq = producer.get(node.input[2])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
         return None
-    if inits[producer.input[0]].data_type != onnx.TensorProto.INT32:
+    if inits[dq.input[0]].data_type != onnx.TensorProto.INT32:
         return None
-    return producer.input[0], producer.input[1]
+    return dq.input[0], dq.input[1]
 
 
 def correct_biases(float_path: str | Path, qdq_path: str | Path, layers: list[str], feeds: Feeds) -> dict:
@@ -43,18 +43,19 @@ def correct_biases(float_path: str | Path, qdq_path: str | Path, layers: list[st
 
     ``float_path``: the float graph the Q/DQ one was quantized from (same node names; ``quant_pre_process``'s
     output). ``feeds``: a callable returning an iterator of ORT feed dicts (the clean calibration images).
-    Returns what was done: per corrected layer the largest |shift| relative to the layer's output spread.
+    Returns what was done: per corrected layer the largest absolute per-channel shift.
     """
     float_model = onnx.load(str(float_path))
     model = onnx.load(str(qdq_path))
     float_out = {n.name: n.output[0] for n in float_model.graph.node}
     nodes = {n.name: n for n in model.graph.node}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
     plan, skipped = [], []
     for name in layers:
-        bias = _quantized_bias(model, nodes[name]) if name in nodes and name in float_out else None
+        bias = _quantized_bias(nodes[name], producer, inits) if name in nodes and name in float_out else None
         (plan if bias else skipped).append((name, bias))
     reference = channel_stats(float_model, [float_out[name] for name, _ in plan], feeds)
-    inits = {t.name: t for t in model.graph.initializer}
     shifts = {}
     for name, (bias_name, scale_name) in plan:
         got = channel_stats(model, [nodes[name].output[0]], feeds)[nodes[name].output[0]]

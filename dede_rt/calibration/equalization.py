@@ -73,14 +73,13 @@ def equalize_activations(model: onnx.ModelProto, feeds: Feeds, alpha: float = 0.
         r = ranges[relu.output[0]]
         w_second = numpy_helper.to_array(inits[second.input[1]]).astype(np.float64)
         w = np.abs(w_second).max(axis=(0, *range(2, w_second.ndim)))
+        # Dead channels (r or w zero) keep scale 1; the inner where only keeps 0 ** negative out of the arithmetic.
         s = np.where((r > 0) & (w > 0), r**alpha / np.where(w > 0, w, 1.0) ** (1.0 - alpha), 1.0)
-        s = np.where(s > 0, s, 1.0)
-        shape = (-1,) + (1,) * (w_second.ndim - 2)
         w_first = numpy_helper.to_array(inits[first.input[1]]).astype(np.float64)
         replace(first.input[1], w_first / s.reshape((-1,) + (1,) * (w_first.ndim - 1)))
         if len(first.input) > 2 and first.input[2]:
             replace(first.input[2], numpy_helper.to_array(inits[first.input[2]]).astype(np.float64) / s)
-        replace(second.input[1], w_second * s.reshape(shape)[None])
+        replace(second.input[1], w_second * s.reshape((1, -1) + (1,) * (w_second.ndim - 2)))
         live = r[r > 0]
         spread[second.name] = float(live.max() / live.min()) if len(live) else 1.0  # before: max / min channel range
     return {"alpha": alpha, "chains": len(chains), "range_spread": spread}
